@@ -1,0 +1,5 @@
+import sys
+
+from cmgen.cli import main
+
+sys.exit(main())
