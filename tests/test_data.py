@@ -1,0 +1,325 @@
+"""Embedded synthetic datasets: real-format files parse, content matches the labels, same seed -> same bytes."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmgen.cli import main as cmgen_main
+from cmgen.data import COLOURS, POSITIONS, SHAPES, write_moving_digits, write_shapes
+from cmgen.data.moving_digits import DIGIT_WORDS, DIRECTIONS
+
+SHAPES_KW = dict(num_images=40, image_size=64, max_shapes=3, val_fraction=0.25, captions_per_image=3,
+                 progress=False)
+# 8 classes x 3 groups of 1 clip: group 1 (8 videos) is test, groups 2-3 (16 videos) train
+DIGITS_KW = dict(num_videos=24, num_frames=8, clips_per_group=1, test_groups=1, captions_per_video=4,
+                 progress=False)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _not_imagefolder(hashes: dict[str, str]) -> set[str]:
+    """File names that do not depend on the seed (ImageFolder class folders do)."""
+    return {k for k in hashes if not k.startswith("imagefolder")}
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root, seed=3, **SHAPES_KW)
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    write_moving_digits(root, seed=5, **DIGITS_KW)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+
+def test_shapes_coco_captions_format(shapes_dir):
+    seen_image_ids, seen_ann_ids = set(), set()
+    for split, n in (("train", 30), ("val", 10)):
+        coco = json.loads((shapes_dir / f"annotations/captions_{split}.json").read_text())
+        assert {"info", "licenses", "images", "annotations"} <= set(coco)
+        assert len(coco["images"]) == n
+        ids = {im["id"] for im in coco["images"]}
+        assert len(ids) == n and not ids & seen_image_ids
+        seen_image_ids |= ids
+        for im in coco["images"]:
+            with Image.open(shapes_dir / split / im["file_name"]) as img:
+                assert img.size == (im["width"], im["height"]) == (64, 64) and img.mode == "RGB"
+        per_image = {}
+        for ann in coco["annotations"]:
+            assert ann["id"] not in seen_ann_ids and isinstance(ann["caption"], str) and ann["caption"]
+            seen_ann_ids.add(ann["id"])
+            per_image.setdefault(ann["image_id"], []).append(ann["caption"])
+        assert set(per_image) == ids
+        assert all(len(c) == 3 and len(set(c)) == 3 for c in per_image.values())
+
+
+def test_shapes_imagefolder_loads(shapes_dir):
+    from torchvision.datasets import ImageFolder
+
+    for split, n in (("train", 30), ("val", 10)):
+        ds = ImageFolder(str(shapes_dir / "imagefolder" / split))
+        assert ds.classes == sorted(SHAPES) and len(ds) == n
+        attrs = json.loads((shapes_dir / f"annotations/attributes_{split}.json").read_text())
+        by_name = {r["file_name"]: r for r in attrs["images"]}
+        counts = np.bincount([t for _, t in ds.samples], minlength=len(SHAPES))
+        assert counts.max() - counts.min() <= 1  # primary shapes are balanced
+        for path, target in ds.samples:
+            record = by_name[Path(path).name]
+            assert ds.classes[target] == record["label_name"] == record["objects"][0]["shape"]
+            assert SHAPES[record["label"]] == record["label_name"]
+            # the ImageFolder copy is the COCO image, byte for byte
+            assert Path(path).read_bytes() == (shapes_dir / split / record["file_name"]).read_bytes()
+
+
+def test_shapes_attributes_match_pixels_and_captions(shapes_dir):
+    attrs = json.loads((shapes_dir / "annotations/attributes_train.json").read_text())
+    n_objects = []
+    for record in attrs["images"]:
+        img = np.asarray(Image.open(shapes_dir / "train" / record["file_name"])).astype(int)
+        objects = record["objects"]
+        n_objects.append(len(objects))
+        outside = np.ones(img.shape[:2], dtype=bool)
+        for obj in objects:
+            # centre pixel carries the exact named colour
+            cx, cy = obj["center"]
+            assert np.abs(img[int(cy), int(cx)] - COLOURS[obj["colour"]]).max() <= 1, (record["id"], obj)
+            # named grid cell contains the whole shape
+            row, col = divmod(POSITIONS.index(obj["position"]), 3)
+            x, y, w, h = obj["bbox"]
+            cell = 64 / 3
+            assert col * cell <= x and x + w <= (col + 1) * cell and row * cell <= y and y + h <= (row + 1) * cell
+            outside[max(0, int(y) - 1):int(np.ceil(y + h)) + 1, max(0, int(x) - 1):int(np.ceil(x + w)) + 1] = False
+            # every caption names every attribute of every object
+            for caption in record["captions"]:
+                assert obj["colour"] in caption and obj["shape"] in caption and obj["position"] in caption
+        assert img[outside].max() == 0  # nothing drawn outside the bboxes
+        if len(objects) > 1:  # the primary is the unique large object
+            assert [o["size"] for o in objects] == ["large"] + ["small"] * (len(objects) - 1)
+        # large shapes cover more pixels than small ones
+        assert len(set(o["position"] for o in objects)) == len(objects)
+    assert set(n_objects) == {1, 2, 3}
+    areas = {"small": [], "large": []}
+    for record in attrs["images"]:
+        for obj in record["objects"]:
+            areas[obj["size"]].append(obj["bbox"][2] * obj["bbox"][3])
+    assert min(areas["large"]) > max(areas["small"])
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_shapes_image_sizes(tmp_path, size):
+    write_shapes(tmp_path, num_images=5, image_size=size, val_fraction=0.0, progress=False)
+    assert not (tmp_path / "val").exists()
+    files = sorted((tmp_path / "train").glob("*.png"))
+    assert len(files) == 5 and all(Image.open(f).size == (size, size) for f in files)
+    assert np.asarray(Image.open(files[0])).max() > 0
+
+
+def test_shapes_deterministic(shapes_dir, tmp_path):
+    write_shapes(tmp_path / "again", seed=3, **SHAPES_KW)
+    write_shapes(tmp_path / "other", seed=4, **SHAPES_KW)
+    reference = _hashes(shapes_dir)
+    assert _hashes(tmp_path / "again") == reference
+    other = _hashes(tmp_path / "other")
+    assert _not_imagefolder(other) == _not_imagefolder(reference) and other != reference
+
+
+def test_shapes_bad_arguments(tmp_path):
+    for kwargs in (dict(image_size=48), dict(max_shapes=10), dict(max_shapes=0), dict(val_fraction=1.0),
+                   dict(captions_per_image=9), dict(num_images=8, val_fraction=0.25)):
+        with pytest.raises(ValueError):
+            write_shapes(tmp_path, progress=False, **kwargs)
+
+
+def test_overwrite_rules(tmp_path):
+    kw = dict(num_images=6, val_fraction=0.0, progress=False)
+    write_shapes(tmp_path, **kw)
+    before = _hashes(tmp_path)
+    write_shapes(tmp_path, **kw)  # same dataset, same config: rewritten, identical
+    assert _hashes(tmp_path) == before
+    with pytest.raises(FileExistsError):
+        write_shapes(tmp_path, seed=1, **kw)
+    (tmp_path / "notes.txt").write_text("mine")
+    write_shapes(tmp_path, seed=1, overwrite=True, **kw)
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # entries the writer does not own survive
+    assert _not_imagefolder(_hashes(tmp_path)) == _not_imagefolder(before) | {"notes.txt"}
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.bin").write_bytes(b"1")
+    with pytest.raises(FileExistsError):
+        write_moving_digits(other, **DIGITS_KW)
+
+
+def test_cli(tmp_path, capsys):
+    out = str(tmp_path / "d")
+    assert cmgen_main(["data", "shapes", "--out", out, "--num-images", "6", "--val-fraction", "0",
+                       "--no-progress"]) == 0
+    assert cmgen_main(["data", "shapes", "--out", out, "--num-images", "7", "--val-fraction", "0",
+                       "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cmgen_main(["data", "shapes", "--out", out, "--num-images", "7", "--val-fraction", "0",
+                       "--no-progress", "--overwrite"]) == 0
+    assert len(list((tmp_path / "d" / "train").iterdir())) == 7
+    out = str(tmp_path / "v")
+    assert cmgen_main(["data", "moving-digits", "--out", out, "--num-videos", "16", "--num-frames", "4",
+                       "--clips-per-group", "1", "--label", "direction", "--no-progress"]) == 0
+    info = json.loads((tmp_path / "v" / "dataset_info.json").read_text())
+    assert info["num_videos"] == {"train": 8, "test": 8} and info["config"]["num_frames"] == 4
+
+
+# ---------------------------------------------------------------------------------------- moving digits
+
+def _read_video(path: Path) -> np.ndarray:
+    import decord
+
+    vr = decord.VideoReader(str(path))
+    return vr.get_batch(list(range(len(vr)))).asnumpy()
+
+
+def _expected_step(name: str) -> np.ndarray:
+    """Unit velocity (dx, dy) read off a class name like ``MoveUpLeft``; image y grows downward."""
+    words = re.findall(r"[A-Z][a-z]+", name)[1:]
+    return np.array([("Right" in words) - ("Left" in words), ("Down" in words) - ("Up" in words)])
+
+
+def _centroid(frame: np.ndarray) -> np.ndarray:
+    gray = frame.astype(np.float64).mean(-1)
+    ys, xs = np.indices(gray.shape)
+    return np.array([(xs * gray).sum(), (ys * gray).sum()]) / gray.sum()
+
+
+def test_moving_digits_videos_decode_and_move(digits_dir):
+    from sklearn.datasets import load_digits
+
+    sk = load_digits()
+    labels = json.loads((digits_dir / "labels.json").read_text())
+    videos = labels["videos"]
+    assert len(videos) == 24
+    for v in videos:
+        ucf = digits_dir / "ucf101" / "UCF-101" / v["ucf101_path"]
+        msr = digits_dir / "msrvtt" / v["msrvtt_path"]
+        assert ucf.read_bytes() == msr.read_bytes()
+        frames = _read_video(ucf)
+        assert frames.shape == (8, 64, 64, 3) and frames.dtype == np.uint8
+        assert np.abs(frames[..., 0].astype(int) - frames[..., 2]).max() <= 8  # gray replicated to RGB
+        # the brightness centroid moves (T - 1) * speed px along the stated direction
+        step = _expected_step(v["direction"]) * 2
+        assert v["velocity"] == step.tolist()
+        moved = _centroid(frames[-1]) - _centroid(frames[0])
+        np.testing.assert_allclose(moved, 7 * step, atol=0.75)
+        for t in range(1, 8):
+            np.testing.assert_allclose(_centroid(frames[t]) - _centroid(frames[t - 1]), step, atol=0.75)
+        # frame 0 around the start position is the sklearn digit, upscaled 3x (24 px)
+        x, y = v["start"]
+        crop = frames[0, y:y + 24, x:x + 24, 0].astype(np.float64)
+        assert frames[0, ..., 0].astype(np.float64).sum() - crop.sum() < 0.02 * crop.sum()
+        pooled = crop.reshape(8, 3, 8, 3).mean(axis=(1, 3))
+        source = sk.images[v["digit_index"]]
+        assert sk.target[v["digit_index"]] == v["digit"]
+        assert np.corrcoef(pooled.ravel(), source.ravel())[0, 1] > 0.9
+
+
+def test_moving_digits_ucf101_split_files(digits_dir):
+    split_dir = digits_dir / "ucf101" / "ucfTrainTestlist"
+    class_ind = [line.split() for line in (split_dir / "classInd.txt").read_text().splitlines()]
+    assert [int(i) for i, _ in class_ind] == list(range(1, 9))
+    names = [n for _, n in class_ind]
+    assert names == sorted(d[0] for d in DIRECTIONS)
+    pattern = re.compile(r"^(\w+)/v_\1_g(\d{2})_c(\d{2})\.mp4$")
+    train = [line.split() for line in (split_dir / "trainlist01.txt").read_text().splitlines()]
+    test = (split_dir / "testlist01.txt").read_text().splitlines()
+    assert len(train) == 16 and len(test) == 8
+    for path, idx in train:
+        m = pattern.match(path)
+        assert m and names[int(idx) - 1] == m.group(1) and int(m.group(2)) > 1
+        assert (digits_dir / "ucf101" / "UCF-101" / path).is_file()
+    for path in test:
+        m = pattern.match(path)
+        assert m and m.group(1) in names and int(m.group(2)) == 1  # test split = group 1, as UCF split 1
+        assert (digits_dir / "ucf101" / "UCF-101" / path).is_file()
+    on_disk = {str(p.relative_to(digits_dir / "ucf101" / "UCF-101"))
+               for p in (digits_dir / "ucf101" / "UCF-101").rglob("*.mp4")}
+    assert on_disk == {p for p, _ in train} | set(test)
+    # held-out handwriting: test digits come from the last quarter of load_digits
+    labels = json.loads((digits_dir / "labels.json").read_text())
+    for v in labels["videos"]:
+        assert (v["digit_index"] >= int(1797 * 0.75)) == (v["split"] == "test")
+
+
+def test_moving_digits_msrvtt_files(digits_dir):
+    msr = digits_dir / "msrvtt"
+    data = json.loads((msr / "MSRVTT_data.json").read_text())
+    videos = {v["video_id"]: v for v in data["videos"]}
+    assert len(videos) == 24
+    for v in data["videos"]:
+        assert {"video_id", "category", "url", "start time", "end time", "split", "id"} <= set(v)
+        assert v["video_id"] == f"video{v['id']}" and (msr / v["url"]).is_file()
+        assert v["split"] in ("train", "test") and v["end time"] == pytest.approx(1.0)
+    sen_ids = [s["sen_id"] for s in data["sentences"]]
+    assert len(set(sen_ids)) == len(sen_ids) == 24 * 4
+    labels = {v["video_id"]: v for v in json.loads((digits_dir / "labels.json").read_text())["videos"]}
+    captions: dict[str, list[str]] = {}
+    for s in data["sentences"]:
+        assert set(s) == {"video_id", "caption", "sen_id"}
+        captions.setdefault(s["video_id"], []).append(s["caption"])
+        v = labels[s["video_id"]]
+        assert str(v["digit"]) in s["caption"].split() or DIGIT_WORDS[v["digit"]] in s["caption"].split()
+        compass = {"Up": "north", "Down": "south", "Left": "west", "Right": "east"}
+        for word in re.findall(r"[A-Z][a-z]+", v["direction"])[1:]:
+            assert word.lower() in s["caption"].split() or compass[word] in s["caption"], (v["direction"], s)
+    assert all(len(set(c)) == 4 for c in captions.values())
+
+    with open(msr / "MSRVTT_train.9k.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["video_id"]
+    train_ids = [r["video_id"] for r in rows]
+    assert sorted(train_ids) == sorted(k for k, v in videos.items() if v["split"] == "train")
+    with open(msr / "MSRVTT_JSFUSION_test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["key", "vid_key", "video_id", "sentence"]
+    assert sorted(r["video_id"] for r in rows) == sorted(k for k, v in videos.items() if v["split"] == "test")
+    for i, r in enumerate(rows):
+        assert r["key"] == f"ret{i}" and r["vid_key"] == "msr" + r["video_id"][len("video"):]
+        assert r["sentence"] in captions[r["video_id"]]
+    # MSR-VTT convention: train ids come before test ids
+    assert max(videos[i]["id"] for i in train_ids) < min(videos[r["video_id"]]["id"] for r in rows)
+
+
+def test_moving_digits_deterministic(digits_dir, tmp_path):
+    write_moving_digits(tmp_path / "again", seed=5, **DIGITS_KW)
+    write_moving_digits(tmp_path / "other", seed=6, **DIGITS_KW)
+    reference = _hashes(digits_dir)
+    assert _hashes(tmp_path / "again") == reference
+    assert _hashes(tmp_path / "other") != reference
+
+
+def test_moving_digits_digit_label(tmp_path):
+    write_moving_digits(tmp_path, label="digit", num_videos=20, num_frames=4, clips_per_group=1, progress=False)
+    labels = json.loads((tmp_path / "labels.json").read_text())
+    assert labels["classes"] == [f"Digit{d}" for d in range(10)]
+    for v in labels["videos"]:
+        assert v["class_name"] == f"Digit{v['digit']}" and v["class_index"] == v["digit"]
+    assert len({v["direction"] for v in labels["videos"]}) > 1
+
+
+def test_moving_digits_bad_arguments(tmp_path):
+    for kwargs in (dict(label="colour"), dict(num_frames=1), dict(size=63), dict(digit_size=70),
+                   dict(speed=3, num_frames=16), dict(num_videos=8), dict(captions_per_video=0)):
+        with pytest.raises(ValueError):
+            write_moving_digits(tmp_path, progress=False, **kwargs)
+    assert not any(tmp_path.iterdir())  # arguments are checked before anything is written
