@@ -1,0 +1,136 @@
+"""Atomic, complete checkpoints: ``checkpoints/step_NNNNNN/`` holds everything a resume needs.
+
+Layout of one checkpoint (accelerate's ``save_state`` files plus ours)::
+
+    pytorch_model.bin, pytorch_model_1.bin, ...   models, in the order of engine_state["models"]
+    optimizer.bin, optimizer_1.bin, ...            optimizers, in the order of engine_state["optimizers"]
+    custom_checkpoint_0.pkl, ...                   schedulers, EMAs, method state (engine_state["custom"])
+    scaler.pt                                      fp16 grad scaler, when used
+    random_states_<rank>.pkl                       python/numpy/torch(/cuda) RNG of EVERY process
+    engine_state.json                              step, data position, names above, world size
+    config.yaml                                    the resolved config of the run
+
+It is written to ``checkpoints/.tmp-stepN`` and renamed into place once every process has finished,
+so a crash mid-write leaves only a temporary directory that :func:`list_checkpoints` ignores and
+:func:`clean_temporary` removes. ``engine_state.json`` is written last: its presence marks a checkpoint
+complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "STATE_FILE",
+    "checkpoint_dir_name",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "clean_temporary",
+    "prune_checkpoints",
+    "read_engine_state",
+    "load_model_state",
+    "load_ema_state",
+    "save_checkpoint",
+]
+
+STATE_FILE = "engine_state.json"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as ``(step, path)``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+def clean_temporary(root: str | Path) -> list[Path]:
+    """Remove half-written ``.tmp-*`` directories left by a killed run; returns what was removed."""
+    root = Path(root)
+    removed = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def prune_checkpoints(root: str | Path, keep_last: int | None) -> None:
+    if keep_last is None:
+        return
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    for _, p in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(p)
+
+
+def read_engine_state(ckpt: str | Path) -> dict:
+    return json.loads((Path(ckpt) / STATE_FILE).read_text())
+
+
+def _custom_index(state: dict, name: str, ckpt: Path) -> int:
+    if name not in state["custom"]:
+        raise ValueError(f"{ckpt} has no state named {name!r}; it has {state['custom']}")
+    return state["custom"].index(name)
+
+
+def load_model_state(ckpt: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of model ``name`` from a checkpoint, without Accelerate (for eval scripts)."""
+    ckpt = Path(ckpt)
+    state = read_engine_state(ckpt)
+    if name not in state["models"]:
+        raise ValueError(f"{ckpt} has no model named {name!r}; it has {state['models']}")
+    i = state["models"].index(name)
+    return torch.load(ckpt / ("pytorch_model.bin" if i == 0 else f"pytorch_model_{i}.bin"),
+                      map_location="cpu", weights_only=True)
+
+
+def load_ema_state(ckpt: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The averaged weights of model ``name`` (``ema.models`` in the config) from a checkpoint."""
+    ckpt = Path(ckpt)
+    i = _custom_index(read_engine_state(ckpt), f"ema/{name}", ckpt)
+    return torch.load(ckpt / f"custom_checkpoint_{i}.pkl", map_location="cpu", weights_only=False)["module"]
+
+
+def save_checkpoint(accelerator, root: str | Path, step: int, engine_state: dict, config_yaml: str,
+                    keep_last: int | None) -> Path:
+    """Write a checkpoint of ``accelerator``'s registered state atomically; call on EVERY process."""
+    root = Path(root)
+    tmp, final = root / f".tmp-step{step}", root / checkpoint_dir_name(step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # Every process writes its own random_states_<rank>.pkl; the main process writes the rest.
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "config.yaml").write_text(config_yaml)
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(engine_state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,53 @@
+"""Exponential moving average of a model's weights (Polyak averaging; GAN generators, momentum nets)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["EMA"]
+
+
+class EMA:
+    """Shadow copy ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` after each training step.
+
+    Until ``start_step`` completed steps the shadow copies the weights exactly (BigGAN/StudioGAN's
+    ``ema_start``), so early, poor weights do not linger. Buffers (BN statistics, queues) are copied,
+    not averaged, as StudioGAN's ``Ema`` does. ``module`` is the averaged model, in eval mode and
+    without gradients; ``state_dict()`` holds it, so it survives a resume.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, start_step: int = 0):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        if start_step < 0:
+            raise ValueError(f"EMA start_step must be >= 0, got {start_step}")
+        self.decay, self.start_step = float(decay), int(start_step)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold in ``model`` after ``step`` completed training steps."""
+        ema_p = list(self.module.parameters())
+        cur_p = [p.detach() for p in model.parameters()]
+        if len(ema_p) != len(cur_p):
+            raise ValueError(f"EMA holds {len(ema_p)} parameters, the model has {len(cur_p)}")
+        if step <= self.start_step:
+            torch._foreach_copy_(ema_p, cur_p)
+        else:
+            # lerp(ema, cur, 1 - decay) = decay * ema + (1 - decay) * cur
+            torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def to(self, device) -> "EMA":
+        self.module.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "decay": self.decay, "start_step": self.start_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.decay, self.start_step = float(state["decay"]), int(state["start_step"])

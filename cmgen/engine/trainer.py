@@ -1,0 +1,363 @@
+"""The one training loop, on Accelerate.
+
+``train(cfg)`` builds the method named by ``cfg.method``, then for ``step = start .. max_steps-1``:
+draws ``grad_accum`` micro-batches, calls ``method.train_step`` on each inside
+``accelerator.accumulate`` (DDP gradient sync only on the last), guards every returned loss term
+against NaN/Inf (all ranks agree before anyone stops), steps the LR schedules once, updates the EMAs,
+and runs the logging, evaluation, sampling and checkpoint hooks. Everything a resume needs is in the
+checkpoint, so ``resume=latest`` continues bit for bit (see :mod:`cmgen.engine.checkpoint` and
+:mod:`cmgen.engine.data`).
+
+Run directory: ``{output_dir}/{name}/{config.yaml, checkpoints/, samples/, logs/, metrics.jsonl}``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, send_to_device, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from cmgen.config import ExperimentConfig, to_dict, to_yaml
+from cmgen.distributed import all_reduce_mean
+from cmgen.engine.checkpoint import (clean_temporary, latest_checkpoint, list_checkpoints, read_engine_state,
+                                     save_checkpoint, STATE_FILE)
+from cmgen.engine.data import ResumableLoader
+from cmgen.engine.ema import EMA
+from cmgen.engine.method import Method, StepContext
+from cmgen.engine.registry import resolve_method
+from cmgen.engine.schedules import build_scheduler
+
+__all__ = ["NonFiniteLossError", "TrainResult", "train", "run_dir_of", "preserve_rng"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term (or, before a checkpoint, a parameter) became NaN or Inf; the run stopped."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_dir_of(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+@contextlib.contextmanager
+def preserve_rng(device: torch.device | None = None):
+    """Run a block (sampling, evaluation) without changing the training RNG streams."""
+    cuda = device is not None and device.type == "cuda"
+    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+             torch.cuda.get_rng_state(device) if cuda else None)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
+        if cuda:
+            torch.cuda.set_rng_state(saved[3], device)
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    t = cfg.train
+    checks = [("train.max_steps", t.max_steps, t.max_steps >= 1), ("train.batch_size", t.batch_size, t.batch_size >= 1),
+              ("train.grad_accum", t.grad_accum, t.grad_accum >= 1), ("train.log_every", t.log_every, t.log_every >= 1),
+              ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0),
+              ("train.sample_every", t.sample_every, t.sample_every >= 0),
+              ("train.eval_every", t.eval_every, t.eval_every >= 0),
+              ("train.keep_last", t.keep_last, t.keep_last is None or t.keep_last >= 1),
+              ("train.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0)]
+    for key, value, ok in checks:
+        if not ok:
+            raise ValueError(f"invalid {key}={value}")
+
+
+def _use_cpu(cfg: ExperimentConfig) -> bool:
+    """Accelerate only sets up multi-process gloo (MULTI_CPU) when told it runs on CPU; a torchrun or
+    ``accelerate launch`` job on a machine without CUDA must therefore say so itself."""
+    if cfg.train.cpu:
+        return True
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
+    return multi_process and not torch.cuda.is_available()
+
+
+def train(cfg: ExperimentConfig, method_cls: type[Method] | None = None) -> TrainResult:
+    """Train ``cfg`` (a method config) and return where it ended. Call on every process."""
+    _validate(cfg)
+    method_cls = method_cls or resolve_method(cfg.method)
+    run_dir = run_dir_of(cfg)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        cpu=_use_cpu(cfg),
+        log_with=list(cfg.train.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)],
+        step_scheduler_with_optimizer=False,
+    )
+    try:
+        return _Trainer(cfg, method_cls, accelerator, run_dir).fit()
+    finally:
+        accelerator.end_training()
+        # Accelerate keeps process-wide singletons; clear them so a later run in this process (tests,
+        # `cmgen demo`) may choose another precision or accumulation. The process group stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+
+
+class _Trainer:
+    def __init__(self, cfg: ExperimentConfig, method_cls: type[Method], accelerator: Accelerator, run_dir: Path):
+        self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
+        self.ckpt_root = run_dir / "checkpoints"
+        world, accum, batch = accelerator.num_processes, cfg.train.grad_accum, cfg.train.batch_size
+        if batch % (world * accum):
+            raise ValueError(f"train.batch_size={batch} (global) must be divisible by world_size * grad_accum "
+                             f"= {world} * {accum}")
+        self.method_cls = method_cls
+        self.last_checkpoint: Path | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    def _find_resume(self) -> Path | None:
+        resume = self.cfg.run.resume
+        if resume is None:
+            existing = list_checkpoints(self.ckpt_root)
+            if existing:
+                raise ValueError(f"{self.run_dir} already has checkpoints (newest {existing[-1][1].name}); "
+                                 f"pass resume=latest to continue it or choose another run.name")
+            return None
+        if resume == "latest":
+            return latest_checkpoint(self.ckpt_root)
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise ValueError(f"run.resume={resume!r} is not a complete checkpoint directory (no {STATE_FILE})")
+        return path
+
+    def _setup(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_temporary(self.ckpt_root)
+        acc.wait_for_everyone()
+        resume_from = self._find_resume()
+
+        # Same seed on every process for model construction (identical initial weights).
+        set_seed(cfg.run.seed)
+        self.method = self.method_cls(cfg)
+        models = self.method.build_models(cfg)
+        if not isinstance(models, dict) or not models or not all(isinstance(m, nn.Module) for m in models.values()):
+            raise ValueError(f"build_models must return a non-empty dict of nn.Module, got {models!r}")
+        optimizers = self.method.build_optimizers(cfg, models)
+        schedulers = {n: build_scheduler(opt, cfg.schedule, cfg.train.max_steps) for n, opt in optimizers.items()}
+        dataset = self.method.build_dataset(cfg)
+
+        # Trainable models go through prepare (device, DDP, autocast); frozen ones (momentum encoders
+        # kept as separate models, pretrained text encoders) are only moved and checkpointed as state.
+        trainable = [n for n, m in models.items() if any(p.requires_grad for p in m.parameters())]
+        frozen = [n for n in models if n not in trainable]
+        opt_names = list(optimizers)
+        prepared = acc.prepare(*[models[n] for n in trainable], *[optimizers[n] for n in opt_names])
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.models = {n: prepared[i] for i, n in enumerate(trainable)}
+        for n in frozen:
+            self.models[n] = models[n].to(acc.device)
+        self.models = {n: self.models[n] for n in models}
+        self.optimizers = {n: prepared[len(trainable) + i] for i, n in enumerate(opt_names)}
+        self.schedulers = schedulers
+        self.trainable = trainable
+
+        for n in cfg.ema.models:
+            if n not in models:
+                raise ValueError(f"ema.models names {n!r}, but the method's models are {list(models)}")
+        self.ema = {n: EMA(acc.unwrap_model(self.models[n]), cfg.ema.decay, cfg.ema.start_step).to(acc.device)
+                    for n in cfg.ema.models}
+
+        custom: list[tuple[str, Any]] = [(f"scheduler/{n}", s) for n, s in schedulers.items()]
+        custom += [(f"ema/{n}", e) for n, e in self.ema.items()]
+        custom += [(f"frozen/{n}", self.models[n]) for n in frozen]
+        extra = self.method.extra_state()
+        custom += [(f"method/{k}", v) for k, v in extra.items()]
+        if custom:
+            acc.register_for_checkpointing(*[obj for _, obj in custom])
+        self.custom_names = [n for n, _ in custom]
+
+        self.ctx = StepContext(acc, cfg, {n: self.models[n] for n in models}, self.optimizers,
+                               {n: e.module for n, e in self.ema.items()})
+        self.loader = ResumableLoader(dataset, cfg.train.batch_size // cfg.train.grad_accum, acc.process_index,
+                                      acc.num_processes, cfg.run.seed, cfg.train.num_workers, self.method.collate_fn(),
+                                      cfg.train.shuffle, pin_memory=acc.device.type == "cuda",
+                                      seeding=cfg.train.data_seeding)
+        self.step = 0
+        if resume_from is not None:
+            state = read_engine_state(resume_from)
+            expected = {"models": trainable, "optimizers": opt_names, "custom": self.custom_names}
+            for key, names in expected.items():
+                if state[key] != names:
+                    raise ValueError(f"{resume_from} holds {key} {state[key]}, this run builds {names}")
+            acc.load_state(str(resume_from))  # also restores every process's RNG state
+            self.step = int(state["step"])
+            self.loader.load_state_dict(state["data"])
+            self.last_checkpoint = resume_from
+        else:
+            # Per-process training randomness (noise, dropout) must differ between ranks.
+            set_seed(cfg.run.seed, device_specific=True)
+        self.resumed_from = resume_from
+
+        self.config_yaml = to_yaml(cfg)
+        if acc.is_main_process:
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            for sub in ("checkpoints", "samples", "logs"):
+                (self.run_dir / sub).mkdir(exist_ok=True)
+            self._truncate_metrics(self.step)
+        if cfg.train.trackers:
+            acc.init_trackers("tensorboard" if "tensorboard" in cfg.train.trackers else cfg.run.name)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop log lines the interrupted run wrote after its last checkpoint."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # ---------------------------------------------------------------------------------------------
+    def _guard(self, losses: dict[str, torch.Tensor], step: int) -> None:
+        """Stop every rank if any rank's loss term is NaN/Inf (one small all-reduce per micro-batch)."""
+        if not losses:
+            return
+        names = sorted(losses)
+        vals = [losses[k].detach() for k in names]
+        codes = torch.stack([torch.isnan(v).any().float() * 2 + torch.isinf(v).any().float() for v in vals])
+        if dist.is_available() and dist.is_initialized() and self.acc.num_processes > 1:
+            dist.all_reduce(codes, op=dist.ReduceOp.MAX)
+        codes = codes.tolist()
+        for name, code in zip(names, codes):
+            if code > 0:
+                kind = "nan" if code >= 2 else "inf"
+                raise NonFiniteLossError(f"loss term '{name}' is {kind} at step {step}; last good checkpoint: "
+                                         f"{self.last_checkpoint if self.last_checkpoint else 'none'}")
+
+    def _check_params(self, step: int) -> None:
+        for name, model in self.models.items():
+            for pname, p in self.acc.unwrap_model(model).named_parameters():
+                if not torch.isfinite(p).all():
+                    raise NonFiniteLossError(
+                        f"parameter '{name}.{pname}' is not finite after step {step}; no checkpoint written; "
+                        f"last good checkpoint: {self.last_checkpoint if self.last_checkpoint else 'none'}")
+
+    def _checkpoint(self, step: int) -> None:
+        self._check_params(step)
+        state = {"step": step, "data": self.loader.state_dict(), "models": self.trainable,
+                 "optimizers": list(self.optimizers), "custom": self.custom_names,
+                 "world_size": self.acc.num_processes, "method": self.cfg.method, "time": time.time()}
+        self.last_checkpoint = save_checkpoint(self.acc, self.ckpt_root, step, state, self.config_yaml,
+                                               self.cfg.train.keep_last)
+
+    def _set_train(self) -> None:
+        for m in self.models.values():
+            m.train()
+
+    def _sample(self, step: int) -> None:
+        with preserve_rng(self.acc.device), torch.no_grad():
+            images = self.method.sample(self.ctx)
+        self._set_train()
+        if images is None or not self.acc.is_main_process:
+            return
+        import torchvision.utils as vutils
+        if images.dim() != 4:
+            raise ValueError(f"sample() must return images (N, C, H, W), got shape {tuple(images.shape)}")
+        grid = vutils.make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=int(math.ceil(len(images) ** 0.5)))
+        vutils.save_image(grid, self.run_dir / "samples" / f"step_{step:06d}.png")
+        if "tensorboard" in self.cfg.train.trackers:
+            self.acc.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, step)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        with preserve_rng(self.acc.device):
+            metrics = {f"eval/{k}": float(v) for k, v in self.method.evaluate(self.ctx).items()}
+        self._set_train()
+        if metrics:
+            self._log({"step": step, **metrics})
+        return metrics
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.cfg.train.trackers:
+            self.acc.log(scalars, step=record["step"])
+
+    # ---------------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        self._setup()
+        cfg, acc, tc = self.cfg, self.acc, self.cfg.train
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc=cfg.run.name, dynamic_ncols=True,
+                   disable=not (acc.is_main_process and tc.progress_bar))
+        sums: dict[str, torch.Tensor] = {}
+        count, last_metrics = 0, {}
+        t_last, s_last = time.perf_counter(), self.step
+        batches = iter(self.loader)
+        prepared_models = [self.models[n] for n in self.trainable]
+        self._set_train()
+        while self.step < tc.max_steps:
+            step = self.step
+            self.ctx.step_index = step
+            for _ in range(tc.grad_accum):
+                batch = send_to_device(next(batches), acc.device, non_blocking=True)
+                with acc.accumulate(*prepared_models):
+                    losses = self.method.train_step(batch, step, self.ctx)
+                if not isinstance(losses, dict):
+                    raise TypeError(f"train_step must return a dict of loss tensors, got {type(losses).__name__}")
+                losses = {k: v if torch.is_tensor(v) else torch.tensor(float(v), device=acc.device)
+                          for k, v in losses.items()}
+                self._guard(losses, step)
+                for k, v in losses.items():
+                    v = v.detach().float().mean()
+                    sums[k] = sums[k] + v if k in sums else v
+                count += 1
+            for s in self.schedulers.values():
+                s.step()
+            self.step = done = step + 1
+            for n, e in self.ema.items():
+                e.update(acc.unwrap_model(self.models[n]), done)
+            bar.update(1)
+
+            if done % tc.log_every == 0 or done == tc.max_steps:
+                names = sorted(sums)
+                means = all_reduce_mean(torch.stack([sums[k] / count for k in names])).tolist() if names else []
+                now = time.perf_counter()
+                record = {"step": done, "epoch": self.loader.epoch, **dict(zip(names, means))}
+                record.update({f"lr/{n}": opt.param_groups[0]["lr"] for n, opt in self.optimizers.items()})
+                record.update({f"grad_norm/{n}": float(g) for n, g in self.ctx.grad_norms.items()})
+                record["steps_per_sec"] = (done - s_last) / max(now - t_last, 1e-9)
+                record["time"] = time.time()
+                self._log(record)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in zip(names, means)}, refresh=False)
+                last_metrics = record
+                sums, count, t_last, s_last = {}, 0, now, done
+            if tc.eval_every and done % tc.eval_every == 0:
+                last_metrics = {**last_metrics, **self._evaluate(done)}
+            if tc.sample_every and done % tc.sample_every == 0:
+                self._sample(done)
+            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps:
+                self._checkpoint(done)
+        bar.close()
+        acc.wait_for_everyone()
+        return TrainResult(self.run_dir, self.step, self.last_checkpoint, last_metrics)

@@ -1,0 +1,309 @@
+"""The one shared core of every batch-negative loss: a masked, chunked log-sum-exp of scaled dot products.
+
+For rows q_i (N, D) and columns k_j (M, D) it returns, per row,
+
+    lse_i = log sum_{j allowed for i} exp(scale * q_i . k_j + bias_j)            (N,)
+
+which is the denominator (or any other "log of a sum of exponentials") of InfoNCE, NT-Xent, SupCon,
+SelfCon, 2C, DCL and HCL. Linear terms such as the positive logit are computed by the callers with
+O(N D) work, so no loss ever needs the (N, M) logit matrix.
+
+Memory: the forward walks over blocks of rows and keeps only one (block, M) tile; it saves q, k, bias and
+lse (O((N + M) D)) and the backward recomputes each tile, turns it into the softmax weights
+P_ij = exp(logit_ij - lse_i) * grad_i in place and accumulates dq = scale P k, dk = scale P^T q,
+dbias = sum_i P_ij. With ``k=None`` (self-similarity, the SimCLR/SupCon/2C/DCL/HCL case) the logit
+matrix is symmetric, so only tiles with I <= J are computed: the forward reduces each tile along both
+axes and the backward uses dZ = scale (G + G^T) Z, halving the matmuls.
+
+Which columns a row may use is described structurally so it can be built tile by tile:
+``exclude`` (one column per row, e.g. the row itself), ``row_labels``/``col_labels`` with
+``label_mode`` "same" or "different", and an optional dense bool ``mask`` (N, M) sliced per tile.
+
+Logits are computed in float32 (float64 stays float64) with autocast disabled, so fp16/bf16 inputs under
+autocast still give a float32 log-sum-exp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["masked_logsumexp", "rowdot", "check_temperature", "check_pair", "check_chunk_size"]
+
+# Default tile budget when chunk_size is None: rows per tile are chosen so that one tile holds about
+# this many elements (16 MiB in float32) — small enough to stay in memory bandwidth-friendly sizes,
+# large enough that the matmuls run at full speed.
+_AUTO_TILE_ELEMENTS = 1 << 22
+# Square tile side for the symmetric path when chunk_size is None.
+_AUTO_SYM_BLOCK = 1024
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> float:
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{name} must be a positive number, got {temperature!r}")
+    return float(temperature)
+
+
+def check_pair(a: torch.Tensor, b: torch.Tensor, names: str = "z0, z1") -> None:
+    """Both (N, D) with the same shape."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"{names} must both be (N, D) with the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product (N, D), (N, D) -> (N,) in float32 (float64 stays float64), for linear terms."""
+    dtype = _compute_dtype(a, b)
+    return (a.to(dtype) * b.to(dtype)).sum(1)
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+@dataclass
+class _Spec:
+    scale: float
+    exclude: torch.Tensor | None      # (N,) long, the column each row drops (may be out of range = none)
+    row_labels: torch.Tensor | None   # (N,)
+    col_labels: torch.Tensor | None   # (M,)
+    label_mode: str | None            # "same" | "different"
+    mask: torch.Tensor | None         # (N, M) bool, True = allowed
+    chunk: int | None
+
+    def apply_mask(self, s: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """Set disallowed entries of the tile s = logits[r0:r1, c0:c1] to -inf, in place."""
+        if self.exclude is not None:
+            ex = self.exclude[r0:r1]
+            hit = (ex >= c0) & (ex < c1)
+            rows = torch.nonzero(hit, as_tuple=True)[0]
+            if rows.numel():
+                s[rows, ex[rows] - c0] = float("-inf")
+        if self.label_mode is not None:
+            same = self.row_labels[r0:r1, None] == self.col_labels[None, c0:c1]
+            s.masked_fill_(~same if self.label_mode == "same" else same, float("-inf"))
+        if self.mask is not None:
+            s.masked_fill_(~self.mask[r0:r1, c0:c1], float("-inf"))
+        return s
+
+
+def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
+    # A row with no allowed column has lse = -inf; its tile is all -inf, and exp(-inf - 0) = 0 keeps the
+    # backward free of (-inf) - (-inf) = nan.
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
+class _MaskedLSE(torch.autograd.Function):
+    """Rectangular case: rows q (N, D) against columns k (M, D), tiles of (rows, M)."""
+
+    @staticmethod
+    def forward(ctx, q, k, bias, spec: _Spec):
+        dtype = _compute_dtype(q, k, bias)
+        with torch.autocast(q.device.type, enabled=False):
+            qc, kc = q.to(dtype), k.to(dtype)
+            bc = bias.to(dtype) if bias is not None else None
+            n, m = qc.shape[0], kc.shape[0]
+            rows = spec.chunk or max(1, min(n, _AUTO_TILE_ELEMENTS // max(m, 1)))
+            lse = qc.new_empty(n)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                s = _tile(qc, kc, bc, spec, r0, r1)
+                torch.logsumexp(s, dim=1, out=lse[r0:r1])
+        ctx.save_for_backward(q, k, bias, lse)
+        ctx.spec, ctx.rows = spec, rows
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        q, k, bias, lse = ctx.saved_tensors
+        spec, rows = ctx.spec, ctx.rows
+        dtype = lse.dtype
+        with torch.autocast(q.device.type, enabled=False):
+            qc, kc = q.to(dtype), k.to(dtype)
+            bc = bias.to(dtype) if bias is not None else None
+            g = grad_lse.to(dtype)
+            lse_safe = _finite_or_zero(lse)
+            n = qc.shape[0]
+            need_q, need_k, need_b = ctx.needs_input_grad[:3]
+            dq = torch.empty_like(qc) if need_q else None
+            dk = torch.zeros_like(kc) if need_k else None
+            db = torch.zeros_like(bc) if need_b else None
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                # P = softmax weights of the tile times the incoming gradient, built in place.
+                p = _tile(qc, kc, bc, spec, r0, r1)
+                p.sub_(lse_safe[r0:r1, None]).exp_().mul_(g[r0:r1, None])
+                if need_q:
+                    torch.mm(p, kc, out=dq[r0:r1])
+                if need_k:
+                    dk.addmm_(p.t(), qc[r0:r1])
+                if need_b:
+                    db += p.sum(0)
+            if need_q:
+                dq.mul_(spec.scale)
+            if need_k:
+                dk.mul_(spec.scale)
+        return (dq.to(q.dtype) if need_q else None, dk.to(k.dtype) if need_k else None,
+                db.to(bias.dtype) if need_b else None, None)
+
+
+def _tile(qc, kc, bc, spec: _Spec, r0: int, r1: int) -> torch.Tensor:
+    s = torch.mm(qc[r0:r1], kc.t())
+    s.mul_(spec.scale)
+    if bc is not None:
+        s.add_(bc)
+    return spec.apply_mask(s, r0, r1, 0, kc.shape[0])
+
+
+class _SymmetricLSE(torch.autograd.Function):
+    """Self-similarity case: rows and columns are the same z (N, D); mask is symmetric (no bias).
+
+    Only tiles (I, J) with I <= J are computed. Forward: row-wise LSE of S_IJ gives row block I's partial
+    LSE over columns J, column-wise LSE gives row block J's partial over columns I; both are merged into
+    a running (N,) LSE. Backward: with G_ij = exp(S_ij - lse_i) g_i, dz = scale (G + G^T) z, and the
+    tile (G + G^T)_IJ = exp(S_IJ - lse_I) g_I + exp(S_IJ - lse_J^T) g_J^T feeds both dz_I and dz_J.
+    """
+
+    @staticmethod
+    def forward(ctx, z, spec: _Spec):
+        dtype = _compute_dtype(z)
+        with torch.autocast(z.device.type, enabled=False):
+            zc = z.to(dtype)
+            n = zc.shape[0]
+            b = spec.chunk or _AUTO_SYM_BLOCK
+            starts = list(range(0, n, b))
+            lse = zc.new_full((n,), float("-inf"))
+            for bi, r0 in enumerate(starts):
+                r1 = min(n, r0 + b)
+                for bj in range(bi, len(starts)):
+                    c0 = starts[bj]
+                    c1 = min(n, c0 + b)
+                    s = _sym_tile(zc, spec, r0, r1, c0, c1)
+                    # merge this tile's partial sums into the running LSE of both row blocks
+                    torch.logaddexp(lse[r0:r1], torch.logsumexp(s, dim=1), out=lse[r0:r1])
+                    if bj != bi:
+                        torch.logaddexp(lse[c0:c1], torch.logsumexp(s, dim=0), out=lse[c0:c1])
+        ctx.save_for_backward(z, lse)
+        ctx.spec, ctx.block = spec, b
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        z, lse = ctx.saved_tensors
+        spec, b = ctx.spec, ctx.block
+        dtype = lse.dtype
+        with torch.autocast(z.device.type, enabled=False):
+            zc = z.to(dtype)
+            g = grad_lse.to(dtype)
+            lse_safe = _finite_or_zero(lse)
+            n = zc.shape[0]
+            dz = torch.zeros_like(zc)
+            starts = list(range(0, n, b))
+            for bi, r0 in enumerate(starts):
+                r1 = min(n, r0 + b)
+                for bj in range(bi, len(starts)):
+                    c0 = starts[bj]
+                    c1 = min(n, c0 + b)
+                    s = _sym_tile(zc, spec, r0, r1, c0, c1)
+                    h = torch.sub(s, lse_safe[r0:r1, None]).exp_().mul_(g[r0:r1, None])
+                    if bj == bi:
+                        h += h.t().clone()
+                        dz[r0:r1].addmm_(h, zc[r0:r1])
+                    else:
+                        h += s.sub_(lse_safe[None, c0:c1]).exp_().mul_(g[None, c0:c1])
+                        dz[r0:r1].addmm_(h, zc[c0:c1])
+                        dz[c0:c1].addmm_(h.t(), zc[r0:r1])
+            dz.mul_(spec.scale)
+        return dz.to(z.dtype), None
+
+
+def _sym_tile(zc, spec: _Spec, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    s = torch.mm(zc[r0:r1], zc[c0:c1].t())
+    s.mul_(spec.scale)
+    return spec.apply_mask(s, r0, r1, c0, c1)
+
+
+def masked_logsumexp(
+    q: torch.Tensor,
+    k: torch.Tensor | None = None,
+    *,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    exclude: str | torch.Tensor | None = None,
+    row_labels: torch.Tensor | None = None,
+    col_labels: torch.Tensor | None = None,
+    label_mode: str | None = None,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-row masked log-sum-exp of ``scale * q k^T + bias`` without materialising (N, M).
+
+    Args:
+        q: (N, D) rows.
+        k: (M, D) columns; ``None`` means the columns are ``q`` itself (self-similarity), which uses the
+            symmetric fast path when the column mask is symmetric (no ``bias``, no ``mask``).
+        scale: multiplies every dot product (1 / temperature).
+        bias: (M,) added to column j's logits (log-weights, ``log w_j``); ``-inf`` drops a column.
+        exclude: ``"diagonal"`` (row i drops column i; needs N == M) or an (N,) long tensor giving the
+            column each row drops (values outside [0, M) drop nothing).
+        row_labels, col_labels: (N,), (M,) labels (``col_labels`` defaults to ``row_labels`` when
+            ``k`` is None); with ``label_mode="same"`` a row keeps only columns with its label, with
+            ``"different"`` only columns with another label.
+        mask: (N, M) bool, True where the column is allowed.
+        chunk_size: rows per tile (the symmetric path uses square tiles of this side); ``None`` picks a
+            tile of about 4M elements. The value and gradient do not depend on it.
+
+    Returns:
+        (N,) float32 (float64 for float64 inputs). Rows with no allowed column give ``-inf``.
+    """
+    if q.dim() != 2:
+        raise ValueError(f"q must be (N, D), got shape {tuple(q.shape)}")
+    if k is not None and (k.dim() != 2 or k.shape[1] != q.shape[1]):
+        raise ValueError(f"k must be (M, D) with D = {q.shape[1]}, got shape {tuple(k.shape)}")
+    check_chunk_size(chunk_size)
+    n = q.shape[0]
+    m = n if k is None else k.shape[0]
+    if bias is not None and bias.shape != (m,):
+        raise ValueError(f"bias must be (M,) = ({m},), got {tuple(bias.shape)}")
+    if mask is not None and (mask.shape != (n, m) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be a bool tensor of shape ({n}, {m}), got {mask.dtype} {tuple(mask.shape)}")
+    if label_mode not in (None, "same", "different"):
+        raise ValueError(f"label_mode must be None, 'same' or 'different', got {label_mode!r}")
+    if label_mode is not None:
+        if row_labels is None:
+            raise ValueError(f"label_mode={label_mode!r} needs row_labels")
+        if col_labels is None and k is not None:
+            raise ValueError(f"label_mode={label_mode!r} with explicit k needs col_labels")
+        cl = row_labels if col_labels is None else col_labels
+        if row_labels.shape != (n,) or cl.shape != (m,):
+            raise ValueError(f"row_labels must be ({n},) and col_labels ({m},), got {tuple(row_labels.shape)} "
+                             f"and {tuple(cl.shape)}")
+    else:
+        cl = None
+    symmetric = k is None and bias is None and mask is None and col_labels is None
+    if isinstance(exclude, str):
+        if exclude != "diagonal":
+            raise ValueError(f"exclude must be 'diagonal', an (N,) tensor or None, got {exclude!r}")
+        if n != m:
+            raise ValueError(f"exclude='diagonal' needs a square problem, got N={n}, M={m}")
+        exclude_t = torch.arange(n, device=q.device)
+    elif exclude is not None:
+        if exclude.shape != (n,):
+            raise ValueError(f"exclude must be ({n},), got {tuple(exclude.shape)}")
+        exclude_t = exclude.to(device=q.device, dtype=torch.long)
+        symmetric = False
+    else:
+        exclude_t = None
+    spec = _Spec(float(scale), exclude_t, row_labels, cl, label_mode, mask, chunk_size)
+    if symmetric:
+        return _SymmetricLSE.apply(q, spec)
+    return _MaskedLSE.apply(q, q if k is None else k, bias, spec)

@@ -1,0 +1,101 @@
+"""The loss benchmark (bench/losses.py) and its measurement helpers (bench/_measure.py)."""
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import _measure  # noqa: E402
+
+
+def _importable(module: str, attr: str | None = None) -> bool:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return False
+    return attr is None or hasattr(mod, attr)
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    import numpy as np
+
+    with _measure.PeakMemory("cpu") as peak:
+        block = np.ones(64 * _measure.MIB // 8)  # 64 MiB, touched, then freed inside the region
+        del block
+    assert 60 * _measure.MIB <= peak.extra_bytes <= 80 * _measure.MIB, (peak.extra_bytes, peak.method)
+
+
+def test_time_repeated_respects_repeat_and_budget():
+    assert len(_measure.time_repeated(lambda: None, repeat=4, budget_s=10.0)["wall"]) == 4
+    # The budget stops new calls, but one call always happens. Sleeping costs wall time, not CPU time.
+    times = _measure.time_repeated(lambda: time.sleep(0.05), repeat=100, budget_s=0.12)
+    assert 2 <= len(times["wall"]) <= 4 and min(times["wall"]) >= 0.05 and max(times["cpu"]) < 0.04
+    assert len(_measure.time_repeated(lambda: time.sleep(0.05), repeat=5, budget_s=1e-6)["wall"]) == 1
+    with pytest.raises(ValueError, match="repeat"):
+        _measure.time_repeated(lambda: None, repeat=0, budget_s=1.0)
+    summary = _measure.summarize_times({"wall": [3.0, 1.0, 2.0], "cpu": [6.0, 2.0, 4.0]})
+    assert summary == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0, "cpu_median_s": 4.0, "reps": 3}
+
+
+def test_markdown_table_and_bad_rows():
+    table = _measure.markdown_table(["a", "b"], [[1, "x"]], align="lr")
+    assert table.splitlines() == ["| a | b |", "|---|---:|", "| 1 | x |"]
+    with pytest.raises(ValueError, match="2 columns"):
+        _measure.markdown_table(["a", "b"], [[1]])
+
+
+def test_run_worker_parses_json_and_kills_on_timeout():
+    ok = _measure.run_worker(["-c", "print('noise'); print('{\"x\": 1}')"], timeout_s=30)
+    assert ok["status"] == "ok" and ok["x"] == 1
+    bad = _measure.run_worker(["-c", "import sys; sys.exit(3)"], timeout_s=30)
+    assert bad["status"] == "error" and bad["returncode"] == 3
+    killed = _measure.run_worker(["-c", "import time; time.sleep(30)"], timeout_s=0.5)
+    assert killed["status"] == "killed" and "timeout" in killed["reason"] and killed["wall_s"] < 10
+
+
+def test_prediction_skips_over_budget_configurations(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "losses.py"), "--quick", "--sizes", "4096", "--impls", "lightly",
+         "--max-mem-gb", "0.01", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "losses_quick.json").read_text())["results"]
+    assert [r["status"] for r in result] == ["skipped"]
+    assert "needs ≈" in result[0]["note"] and "skipped: needs" in (tmp_path / "losses_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_benchmark_produces_an_agreeing_table(tmp_path):
+    impls = [name for name, module, attr in (
+        ("cmgen", "cmgen.losses", "NTXent"),
+        ("cmgen-chunked", "cmgen.losses", "NTXent"),
+        ("lightly", "lightly.loss", None),
+        ("pml-supcon", "pytorch_metric_learning.losses", None),
+    ) if _importable(module, attr)]
+    if len(impls) < 2:
+        pytest.skip(f"need two implementations to compare, have {impls}")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "losses.py"), "--quick", "--sizes", "256", "--impls", ",".join(impls),
+         "--chunk-size", "100", "--repeat", "2", "--budget", "0.5", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    markdown = (tmp_path / "losses_quick.md").read_text()
+    assert "| N pairs | implementation |" in markdown and f"Machine: {_measure.cpu_model()}" in markdown
+    data = json.loads((tmp_path / "losses_quick.json").read_text())
+    results = data["results"]
+    assert [r["impl"] for r in results] == impls
+    assert all(r["status"] == "ok" and r["agrees"] for r in results), results
+    # 2N = 512 random rows against each other: the loss is between 0 and log(2N - 1), and every
+    # implementation's gradient is nonzero and the same.
+    for r in results:
+        assert 0 < r["loss"] < 6.24 and r["grad_norm"] > 0 and r["median_s"] > 0 and r["reps"] >= 1
+        assert r["loss_rel_diff"] <= 1e-4 and r["grad_rel_diff"] <= 1e-3

@@ -1,0 +1,298 @@
+"""cmgen.engine: run outputs, exact resume (in-process and after kill -9), NaN guard, schedules, EMA, data."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cmgen import cli
+from cmgen.config import from_yaml
+from cmgen.engine import (EMA, LRMultiplier, NonFiniteLossError, list_checkpoints, load_config, load_ema_state,
+                          load_model_state, train)
+from cmgen.engine.checkpoint import read_engine_state
+from cmgen.engine.data import ResumableLoader
+from cmgen.engine.toy import SyntheticRegression, ToyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "configs" / "toy" / "synthetic.yaml")
+QUIET = ["train.progress_bar=false", "train.trackers=[]", "train.sample_every=0", "train.eval_every=0"]
+
+
+def toy_cfg(tmp_path, name, *overrides):
+    return load_config(TOY, [f"run.output_dir={tmp_path}", f"run.name={name}", *QUIET, *overrides])
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint comparison helpers
+# ---------------------------------------------------------------------------------------------------
+def _load_any(path: Path):
+    if path.suffix == ".json":
+        state = json.loads(path.read_text())
+        state.pop("time")
+        return state
+    if path.suffix == ".yaml":
+        return path.read_text()
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_contents(ckpt: Path, skip=("config.yaml",)) -> dict:
+    return {p.name: _load_any(p) for p in sorted(ckpt.iterdir()) if p.name not in skip}
+
+
+def assert_same(a, b, where="", exact=True, rtol=1e-5, atol=1e-6):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}", exact, rtol, atol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]", exact, rtol, atol)
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype, where
+        if exact:
+            assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max()}"
+        else:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    elif isinstance(a, float) and not exact:
+        assert math.isclose(a, b, rel_tol=rtol, abs_tol=atol), f"{where}: {a} != {b}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# a run and its outputs
+# ---------------------------------------------------------------------------------------------------
+def test_run_writes_config_metrics_tensorboard_samples_and_keeps_last_checkpoints(tmp_path):
+    cfg = toy_cfg(tmp_path, "out", "train.max_steps=6", "train.log_every=2", "train.checkpoint_every=2",
+                  "train.keep_last=2", "train.sample_every=3", "train.eval_every=3", "train.trackers=[tensorboard]",
+                  "ema.start_step=2")
+    result = train(cfg)
+    run = tmp_path / "out"
+    assert result.run_dir == run and result.step == 6 and result.checkpoint == run / "checkpoints" / "step_000006"
+
+    assert from_yaml(ToyConfig, run / "config.yaml") == cfg
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss_enc" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    assert {"loss_head", "lr/enc", "lr/head", "grad_norm/enc", "steps_per_sec", "epoch"} <= set(train_records[0])
+    assert all(math.isfinite(r["loss_enc"]) for r in train_records)
+    assert [r["step"] for r in records if "eval/val_mse" in r] == [3, 6]
+    assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
+
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 6]        # keep_last=2
+    state = read_engine_state(result.checkpoint)
+    assert state["step"] == 6 and state["models"] == ["enc", "head"] and state["optimizers"] == ["enc", "head"]
+    assert state["custom"] == ["scheduler/enc", "scheduler/head", "ema/enc", "method/stats"]
+    # 256 samples / 32 per step = 8 steps per epoch: after 6 steps, epoch 0, 6 batches in.
+    assert state["data"] == {"epoch": 0, "batch": 6, "samples": 192}
+    assert from_yaml(ToyConfig, result.checkpoint / "config.yaml") == cfg
+    enc = load_model_state(result.checkpoint, "enc")
+    ema = load_ema_state(result.checkpoint, "enc")
+    assert enc.keys() == ema.keys() and not torch.equal(enc["net.0.weight"], ema["net.0.weight"])
+    assert "queue" in load_model_state(result.checkpoint, "head")
+
+    with pytest.raises(ValueError, match="already has checkpoints.*resume=latest"):
+        train(cfg)
+
+
+def test_bad_global_batch_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"batch_size=30 .*world_size \* grad_accum = 1 \* 4"):
+        train(toy_cfg(tmp_path, "bad", "train.batch_size=30", "train.grad_accum=4", "train.max_steps=1"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# exact resume
+# ---------------------------------------------------------------------------------------------------
+RESUME_OVERRIDES = ["train.max_steps=7", "train.checkpoint_every=3", "train.keep_last=null", "train.batch_size=16",
+                    "train.grad_accum=2", "data.num_samples=40", "model.input_noise=0.1", "data.aug_noise=0.1",
+                    "train.sample_every=2", "train.eval_every=2", "train.log_every=1", "ema.start_step=2",
+                    "schedule.warmup_steps=2"]
+
+
+def test_resume_latest_continues_bitwise_like_an_uninterrupted_run(tmp_path):
+    """Mid-epoch, mid-schedule, with accumulation, per-process noise, augmentation, EMA, queue buffers."""
+    full = train(toy_cfg(tmp_path, "full", *RESUME_OVERRIDES))
+    assert [s for s, _ in list_checkpoints(tmp_path / "full" / "checkpoints")] == [3, 6, 7]
+
+    # The same run, cut after its step-3 checkpoint, with a half-written checkpoint left behind.
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for step in (6, 7):
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step_{step:06d}")
+    half = tmp_path / "cut" / "checkpoints" / ".tmp-step6"
+    half.mkdir()
+    (half / "pytorch_model.bin").write_bytes(b"truncated")
+    resumed = train(toy_cfg(tmp_path, "cut", *RESUME_OVERRIDES, "resume=latest"))
+
+    assert not half.exists()
+    assert resumed.step == 7
+    assert_same(checkpoint_contents(full.checkpoint), checkpoint_contents(resumed.checkpoint))
+    # The log is cut back to the checkpoint and continues with the same values.
+    drop = ("time", "steps_per_sec")
+    lines = [[{k: v for k, v in json.loads(line).items() if k not in drop}
+              for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("full", "cut")]
+    assert lines[0] == lines[1]
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
+    result = train(toy_cfg(tmp_path, "fresh", "train.max_steps=2", "resume=latest"))
+    assert result.step == 2 and result.checkpoint.name == "step_000002"
+
+
+def _wait_for(path_glob, root: Path, timeout: float, proc) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(root.glob(path_glob)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited (rc={proc.returncode}) before {path_glob} appeared")
+        time.sleep(0.005)
+    raise AssertionError(f"{path_glob} did not appear within {timeout} s")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bitwise_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    common = [f"run.output_dir={tmp_path}", *QUIET, "train.max_steps=150", "train.checkpoint_every=10",
+              "train.keep_last=2", "model.hidden=256", "train.batch_size=64", "data.num_samples=1000",
+              "model.input_noise=0.1", "train.log_every=5"]
+    cmd = [sys.executable, "-m", "cmgen", "train", TOY]
+    quiet = dict(env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    whole = subprocess.Popen(cmd + common + ["run.name=whole"], **quiet)   # the uninterrupted reference
+    proc = subprocess.Popen(cmd + common + ["run.name=killed"], **quiet)
+    try:
+        _wait_for("killed/checkpoints/step_*", tmp_path, 120, proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = [s for s, _ in list_checkpoints(tmp_path / "killed" / "checkpoints")]
+    assert done and done[-1] < 150, f"the run was not interrupted: {done}"
+
+    subprocess.run(cmd + common + ["run.name=killed", "resume=latest"], check=True, timeout=300, **quiet)
+    assert whole.wait(timeout=300) == 0
+    a = checkpoint_contents(tmp_path / "whole" / "checkpoints" / "step_000150")
+    b = checkpoint_contents(tmp_path / "killed" / "checkpoints" / "step_000150")
+    assert_same(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# NaN/Inf guard
+# ---------------------------------------------------------------------------------------------------
+def test_nan_guard_names_term_and_step_and_keeps_last_checkpoint(tmp_path, capsys):
+    args = ["train", TOY, f"run.output_dir={tmp_path}", "run.name=diverge", *QUIET, "optim.name=sgd", "optim.lr=3",
+            "train.grad_clip=null", "schedule.kind=constant", "schedule.warmup_steps=0", "train.max_steps=30",
+            "train.checkpoint_every=2"]
+    assert cli.main(args) == 3
+    err = capsys.readouterr().err
+    m = re.search(r"loss term '(loss_enc|loss_head)' is (nan|inf) at step (\d+); last good checkpoint: (\S+)", err)
+    assert m, err
+    step, ckpt = int(m.group(3)), Path(m.group(4))
+    ckpts = list_checkpoints(tmp_path / "diverge" / "checkpoints")
+    assert ckpts and ckpts[-1][1] == ckpt and ckpts[-1][0] <= step < 30
+    assert not list((tmp_path / "diverge" / "checkpoints").glob(".tmp-*"))
+    for name in ("enc", "head"):
+        assert all(torch.isfinite(t).all() for t in load_model_state(ckpt, name).values())
+
+    with pytest.raises(NonFiniteLossError, match=r"loss term '\w+' is (nan|inf) at step \d+"):
+        train(toy_cfg(tmp_path, "diverge", "optim.name=sgd", "optim.lr=3", "train.grad_clip=null",
+                      "schedule.kind=constant", "schedule.warmup_steps=0", "train.max_steps=30", "resume=latest"))
+
+
+def test_cli_reports_config_errors(capsys):
+    assert cli.main(["train", TOY, "optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedules, EMA, data order
+# ---------------------------------------------------------------------------------------------------
+def test_lr_multiplier_warmup_cosine_step():
+    f = LRMultiplier("cosine", max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert [f(t) for t in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert f(10) == pytest.approx(1.0) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)                                 # half-way: cos(pi/2) = 0
+    g = LRMultiplier("step", max_steps=100, milestones=[30, 60], gamma=0.5)
+    assert [g(29), g(30), g(59), g(60), g(99)] == [1.0, 0.5, 0.5, 0.25, 0.25]
+    assert LRMultiplier("constant", 10)(7) == 1.0
+    with pytest.raises(ValueError, match="schedule kind"):
+        LRMultiplier("linear", 10)
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, LRMultiplier("cosine", 4, warmup_steps=2))
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0, 2.0, 2.0, 1.0])                                # warm-up, then cos(0), cos(pi/2)
+
+
+def test_ema_matches_float64_reference():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, start_step=2)
+    ref = [p.detach().double().clone() for p in model.parameters()]
+    for step in range(1, 8):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model, step)
+        for i, p in enumerate(model.parameters()):
+            ref[i] = p.detach().double().clone() if step <= 2 else 0.9 * ref[i] + 0.1 * p.detach().double()
+    for r, p in zip(ref, ema.module.parameters()):
+        torch.testing.assert_close(p.double(), r, rtol=1e-6, atol=1e-6)
+    other = EMA(torch.nn.Linear(3, 2))
+    other.load_state_dict(ema.state_dict())
+    assert other.decay == 0.9 and all(torch.equal(a, b) for a, b in zip(other.module.parameters(), ema.module.parameters()))
+    with pytest.raises(ValueError, match="decay"):
+        EMA(model, decay=1.5)
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seeding", ["sample", "batch"])
+def test_loader_splits_global_batch_across_ranks_and_resumes_exactly(seeding):
+    data = SyntheticRegression(20, 3, 2, aug_noise=0.5, seed=0)
+    # global micro-batch 4 -> 5 per epoch; 7 batches cross an epoch boundary.
+    single = _take(ResumableLoader(data, 4, 0, 1, seed=3, seeding=seeding), 7)
+    ranks = [_take(ResumableLoader(data, 4, r, 2, seed=3, seeding=seeding), 7) for r in range(2)]
+    for b in range(7):
+        assert torch.equal(single[b]["y"], torch.cat([ranks[0][b]["y"], ranks[1][b]["y"]]))   # same samples
+        same_aug = torch.equal(single[b]["x"], torch.cat([ranks[0][b]["x"], ranks[1][b]["x"]]))
+        assert same_aug == (seeding == "sample")                  # per-sample seeds ignore the world size
+    loader = ResumableLoader(data, 4, 0, 1, seed=3, seeding=seeding)
+    _take(loader, 3)
+    assert loader.state_dict() == {"epoch": 0, "batch": 3, "samples": 12}
+    rest = _take(ResumableLoader(data, 4, 0, 1, seed=3, epoch=0, batch=3, seeding=seeding), 4)
+    for a, b in zip(single[3:], rest):
+        assert torch.equal(a["x"], b["x"])
+    # Workers see the same seeds as the main process.
+    workers = _take(ResumableLoader(data, 4, 0, 1, seed=3, seeding=seeding, num_workers=2), 7)
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(single, workers))
+    # Loading data does not consume the caller's RNG.
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    _take(ResumableLoader(data, 4, 0, 1, seed=3, seeding=seeding), 2)
+    assert torch.equal(torch.rand(3), expected)
+    with pytest.raises(ValueError, match="fewer than one global micro-batch"):
+        ResumableLoader(data, 32, 0, 1, seed=0)
