@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["mix_seed", "SeededFetch", "EpochBatchSampler", "ResumableLoader"]
+__all__ = ["mix_seed", "BatchKeys", "SeededFetch", "EpochBatchSampler", "ResumableLoader"]
 
 _MASK = (1 << 63) - 1
 
@@ -42,11 +42,16 @@ def mix_seed(*values: int) -> int:
     return h & _MASK
 
 
-class SeededFetch(Dataset):
-    """Wraps a map-style dataset; keys are ``(index, seed or None)`` pairs from :class:`EpochBatchSampler`.
+class BatchKeys(list):
+    """One micro-batch of dataset indices, with the seeds to fetch it under (pickles to workers)."""
 
-    A key with a seed re-seeds the torch/numpy/python RNGs before its sample is fetched.
-    """
+    def __init__(self, indices, batch_seed: Optional[int] = None, sample_seeds: Optional[list[int]] = None):
+        super().__init__(indices)
+        self.batch_seed, self.sample_seeds = batch_seed, sample_seeds
+
+
+class SeededFetch(Dataset):
+    """Wraps a map-style dataset; fetches a :class:`BatchKeys` batch under its seeds."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -54,26 +59,34 @@ class SeededFetch(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key):
-        return self.__getitems__([key])[0]
+    def __getitem__(self, index: int):
+        return self.dataset[index]
 
-    def __getitems__(self, keys: list[tuple[int, Optional[int]]]):
-        if all(seed is None for _, seed in keys):
-            return [self.dataset[index] for index, _ in keys]
+    def __getitems__(self, keys: list[int]):
+        batch_seed, sample_seeds = getattr(keys, "batch_seed", None), getattr(keys, "sample_seeds", None)
+        if batch_seed is None and sample_seeds is None:
+            return [self.dataset[i] for i in keys]
         saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
         try:
+            if sample_seeds is None:
+                _seed_all(batch_seed)
+                return [self.dataset[i] for i in keys]
             out = []
-            for index, seed in keys:
-                if seed is not None:
-                    torch.default_generator.manual_seed(seed)
-                    random.seed(seed)
-                    np.random.seed(seed & 0xFFFFFFFF)
-                out.append(self.dataset[index])
+            for i, seed in zip(keys, sample_seeds):
+                _seed_all(seed)
+                out.append(self.dataset[i])
             return out
         finally:
             torch.set_rng_state(saved[0])
             random.setstate(saved[1])
             np.random.set_state(saved[2])
+
+
+def _seed_all(seed: int) -> None:
+    # The CPU generator only: torch.manual_seed would also reseed every CUDA device of this process.
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
 
 
 SEEDING = ("batch", "sample", "off")
@@ -102,7 +115,7 @@ class EpochBatchSampler(Sampler):
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch - self.start)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[BatchKeys]:
         if self.shuffle:
             g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=g).tolist()
@@ -112,15 +125,14 @@ class EpochBatchSampler(Sampler):
         base = mix_seed(self.seed, self.epoch, 1)
         for b in range(self.start, self.batches_per_epoch):
             first = b * self.g + self.rank * self.local
-            positions = range(first, first + self.local)
+            indices = order[first:first + self.local]
             if self.seeding == "sample":
-                yield [(order[p], (base + p) & _MASK) for p in positions]
+                yield BatchKeys(indices, sample_seeds=[(base + p) & _MASK for p in range(first, first + self.local)])
             elif self.seeding == "batch":
                 # Offset past every sample position so batch seeds never coincide with sample seeds.
-                batch_seed = (base + self.n + b * self.world + self.rank) & _MASK
-                yield [(order[p], batch_seed if p == first else None) for p in positions]
+                yield BatchKeys(indices, batch_seed=(base + self.n + b * self.world + self.rank) & _MASK)
             else:
-                yield [(order[p], None) for p in positions]
+                yield BatchKeys(indices)
 
 
 class ResumableLoader:

@@ -20,6 +20,11 @@ A GAN-style step (``n_dis`` D updates, then one G update) reads::
 
 Under DDP a wrapped model whose forward builds a graph must see a backward through it before its
 next forward; calling a frozen model through ``ctx.unwrap`` keeps its DDP wrapper out of the G step.
+
+With ``train.grad_accum = k > 1`` the engine calls ``train_step`` on k micro-batches per step and
+``ctx.step`` updates only on the last one, so every update of a step sees the models as they were
+before the step's earlier updates on micro-batches 1..k-1. That is exact for one optimizer; for
+sequential D-then-G updates it is an approximation (GAN recipes usually keep ``grad_accum = 1``).
 """
 from __future__ import annotations
 
@@ -101,6 +106,9 @@ class StepContext:
         self.step_index = 0
         self.grad_norms: dict[str, torch.Tensor] = {}
         self._params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
+        from accelerate.utils import DistributedType
+        self._plain_ddp = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                           DistributedType.MULTI_GPU)
 
     @property
     def device(self) -> torch.device:
@@ -144,8 +152,19 @@ class StepContext:
             # Unscale only this optimizer: the others may hold accumulated, still-scaled gradients.
             self.accelerator.unscale_gradients(optimizer=opt)
             self.grad_norms[name] = torch.nn.utils.clip_grad_norm_(self._params[name], clip).detach()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if self._plain_ddp:
+            # AcceleratedOptimizer.step probes the file system for optional packages on every call
+            # (~0.4 ms); for plain DDP/single-process it only forwards to the optimizer or the scaler.
+            raw, scaler = opt.optimizer, self.accelerator.scaler
+            if scaler is not None:
+                scaler.step(raw)
+                scaler.update()
+            else:
+                raw.step()
+            raw.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     def zero_grad(self, name: str) -> None:
         """Drop the gradients of optimizer ``name`` now (also mid-accumulation)."""

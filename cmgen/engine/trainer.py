@@ -31,7 +31,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch import nn
 from tqdm.auto import tqdm
 
-from cmgen.config import ExperimentConfig, to_dict, to_yaml
+from cmgen.config import ExperimentConfig, to_yaml
 from cmgen.distributed import all_reduce_mean
 from cmgen.engine.checkpoint import (clean_temporary, latest_checkpoint, list_checkpoints, read_engine_state,
                                      save_checkpoint, STATE_FILE)
@@ -104,6 +104,7 @@ def train(cfg: ExperimentConfig, method_cls: type[Method] | None = None) -> Trai
     _validate(cfg)
     method_cls = method_cls or resolve_method(cfg.method)
     run_dir = run_dir_of(cfg)
+    owned_group = not (dist.is_available() and dist.is_initialized())
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -116,10 +117,15 @@ def train(cfg: ExperimentConfig, method_cls: type[Method] | None = None) -> Trai
     try:
         return _Trainer(cfg, method_cls, accelerator, run_dir).fit()
     finally:
-        accelerator.end_training()
+        for tracker in accelerator.trackers:
+            tracker.finish()
         # Accelerate keeps process-wide singletons; clear them so a later run in this process (tests,
-        # `cmgen demo`) may choose another precision or accumulation. The process group stays.
-        AcceleratorState._reset_state(reset_partial_state=False)
+        # `cmgen demo`) may choose another precision or accumulation. A process group that existed
+        # before this run belongs to the caller and stays; one Accelerate created is torn down.
+        owned_group = owned_group and dist.is_available() and dist.is_initialized()
+        if owned_group:
+            dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=owned_group)
         GradientState._reset_state()
 
 
