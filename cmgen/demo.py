@@ -154,7 +154,7 @@ def _demo_engine(out: Path, steps: int, report: list[str], summary: dict) -> Non
     series: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         for k, v in r.items():
-            if k.startswith(("loss", "val_")) and isinstance(v, (int, float)):
+            if k.startswith(("loss", "eval/")) and isinstance(v, (int, float)):
                 series.setdefault(k, []).append((r["step"], float(v)))
     _line_plot(series).save(out / "toy_losses.png")
     samples = sorted((result.run_dir / "samples").glob("*.png"))
