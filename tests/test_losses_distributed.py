@@ -32,16 +32,19 @@ def _global_batch():
     return torch.randn(WORLD * N_LOCAL, D, generator=g), torch.randn(WORLD * N_LOCAL, D, generator=g)
 
 
-def _rank_fn(rank, world_size, name):
-    a, b = _global_batch()
-    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-    a, b = a[sl].clone().requires_grad_(), b[sl].clone().requires_grad_()
-    loss = _make(name)(True)(a, b)
-    loss.backward()
-    return loss.detach(), a.grad, b.grad
-
-
 NAMES = ["ntxent", "ntxent_chunked", "infonce", "clip", "dcl", "hcl"]
+
+
+def _rank_fn(rank, world_size):
+    out = {}
+    for name in NAMES:
+        a, b = _global_batch()
+        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        a, b = a[sl].clone().requires_grad_(), b[sl].clone().requires_grad_()
+        loss = _make(name)(True)(a, b)
+        loss.backward()
+        out[name] = (loss.detach(), a.grad, b.grad)
+    return out
 
 
 @pytest.mark.slow
@@ -49,8 +52,9 @@ NAMES = ["ntxent", "ntxent_chunked", "infonce", "clip", "dcl", "hcl"]
 def test_two_processes_match_one_process_on_global_batch():
     a, b = _global_batch()
     a.requires_grad_(), b.requires_grad_()
+    per_rank = run_distributed(_rank_fn, world_size=WORLD)
     for name in NAMES:
-        results = run_distributed(_rank_fn, world_size=WORLD, args=(name,))
+        results = [r[name] for r in per_rank]
         a.grad = b.grad = None
         ref = _make(name)(False)(a, b)
         ref.backward()
