@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -223,6 +224,22 @@ def predict_extra_bytes(impl: Impl, n: int, chunk_size: int, measured: dict[int,
     return impl.bytes_per_elem * elems
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One result from the same configuration's workers: all timed passes pooled, the median extra
+    peak memory, the first worker's loss and gradient fingerprint (the inputs are seeded, so every
+    worker computes the same ones)."""
+    if len(runs) == 1:
+        return {**runs[0], "rounds": 1}
+    merged = dict(runs[0])
+    wall = [t for r in runs for t in r["times_s"]]
+    cpu = [t for r in runs for t in r["cpu_times_s"]]
+    merged.update(_measure.summarize_times({"wall": wall, "cpu": cpu}))
+    merged.update({"times_s": wall, "cpu_times_s": cpu, "rounds": len(runs),
+                   "extra_peak_bytes": int(statistics.median(r["extra_peak_bytes"] for r in runs)),
+                   "extra_peak_bytes_all": [r["extra_peak_bytes"] for r in runs]})
+    return merged
+
+
 def check_agreement(results: list[dict]) -> None:
     """Annotate each successful result with its deviation from the reference at the same N
     (lightly when it ran, else the first implementation that did)."""
@@ -266,7 +283,7 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
         targets.append({"what": f"{impl} extra peak / lightly extra peak at N={TARGET_N}", "target": f"<= {TARGET_MEM_RATIO}",
                         "value": mem_ratio, "passed": None if mem_ratio is None else mem_ratio <= TARGET_MEM_RATIO})
     large = ok.get(("cmgen-chunked", LARGE_N))
-    targets.append({"what": f"cmgen-chunked extra peak at N={LARGE_N} (exact gradients)", "target": "<= 4 GiB",
+    targets.append({"what": f"cmgen-chunked extra peak in GiB at N={LARGE_N} (exact gradients)", "target": "<= 4",
                     "value": large["extra_peak_bytes"] / _measure.GIB if large else None,
                     "passed": None if large is None else large["extra_peak_bytes"] <= LARGE_MEM_LIMIT})
     return targets
@@ -292,7 +309,7 @@ def render_markdown(machine: dict, settings: dict, results: list[dict], targets:
         rows.append([
             f"{r['n']:,}", label, f"{_fmt_time(r['median_s'])} ({_fmt_time(r['min_s'])})",
             _fmt_time(r["cpu_median_s"]), t_ratio, _fmt_bytes(r["extra_peak_bytes"]), m_ratio,
-            f"{r['loss']:.6f}", agree, f"{r['reps']} reps",
+            f"{r['loss']:.6f}", agree, f"{r['reps']} reps" + (f" in {r['rounds']} workers" if r.get("rounds", 1) > 1 else ""),
         ])
     table = _measure.markdown_table(
         ["N pairs", "implementation", "fwd+bwd wall median (min)", "CPU time", "time vs lightly (wall / CPU)",
@@ -307,9 +324,10 @@ def render_markdown(machine: dict, settings: dict, results: list[dict], targets:
         f"pytorch-metric-learning {settings['versions'].get('pytorch-metric-learning')}; {machine['date']}.",
         "",
         f"Setting: 2N rows of D = {settings['dim']}, T = {settings['temperature']}, fp32, "
-        f"{settings['threads']} threads, one fresh process per row; time = median of up to {settings['repeat']} "
-        f"forward+backward passes within {settings['budget_s']:.0f} s after the memory-measuring pass (that pass "
-        "alone when it outlasts the budget), CPU time = "
+        f"{settings['threads']} threads, each row measured in {settings['rounds']} fresh process(es) (interleaved "
+        f"with the other rows of the same N); time = median of up to {settings['repeat']} forward+backward passes "
+        f"per process within {settings['budget_s']:.0f} s after the memory-measuring pass (that pass alone when it "
+        "outlasts the budget), CPU time = "
         "process CPU time (all threads) per pass, which other jobs on a shared machine inflate far less "
         "than the wall time; extra peak RAM = "
         "VmHWM during one forward+backward minus VmRSS before it. 'agrees' compares loss, gradient norm and a "
@@ -325,8 +343,8 @@ def render_markdown(machine: dict, settings: dict, results: list[dict], targets:
         if t["passed"] is None:
             lines.append(f"- {t['what']}: target {t['target']} — not measured")
         else:
-            extra = f", CPU-time ratio {t['cpu_time_ratio']:.3g}" if t.get("cpu_time_ratio") is not None else ""
-            lines.append(f"- {t['what']}: {t['value']:.3g} (target {t['target']}{extra}) — "
+            extra = f", CPU-time ratio {t['cpu_time_ratio']:.3f}" if t.get("cpu_time_ratio") is not None else ""
+            lines.append(f"- {t['what']}: {t['value']:.3f} (target {t['target']}{extra}) — "
                          f"{'met' if t['passed'] else '**missed**'}")
     return "\n".join(lines) + "\n"
 
@@ -345,7 +363,7 @@ def driver(args: argparse.Namespace) -> int:
     script = str(Path(__file__).resolve())
     settings = {
         "dim": args.dim, "temperature": args.temperature, "threads": args.threads, "chunk_size": args.chunk_size,
-        "repeat": args.repeat, "budget_s": args.budget, "seed": args.seed, "max_extra_bytes": max_extra,
+        "repeat": args.repeat, "rounds": args.rounds, "budget_s": args.budget, "seed": args.seed, "max_extra_bytes": max_extra,
         "timeout_s": args.timeout, "sizes": list(sizes), "impls": impls, "large_impls": sorted(large_impls),
         "versions": {p: _measure.package_version(p) for p in ("torch", "lightly", "pytorch-metric-learning")},
     }
@@ -355,6 +373,7 @@ def driver(args: argparse.Namespace) -> int:
     measured: dict[str, dict[int, int]] = {name: {} for name in impls}
     failed: dict[str, str] = {}
     for n in sizes:
+        runnable = []
         for name in impls:
             base = {"impl": name, "n": n}
             if name in failed:
@@ -369,26 +388,40 @@ def driver(args: argparse.Namespace) -> int:
             if note is not None:
                 results.append({**base, "status": "skipped", "note": note, "predicted_bytes": need})
                 print(f"[bench] N={n} {name}: {note}", file=sys.stderr)
-                continue
-            print(f"[bench] N={n} {name}: running (≈ {need / _measure.MIB:.0f} MiB predicted)", file=sys.stderr, flush=True)
-            argv = [script, "--worker", "--impl", name, "--sizes", str(n), "--dim", str(args.dim),
-                    "--temperature", str(args.temperature), "--threads", str(args.threads),
-                    "--chunk-size", str(args.chunk_size), "--repeat", str(args.repeat),
-                    "--budget", str(args.budget), "--seed", str(args.seed)]
-            res = _measure.run_worker(argv, timeout_s=args.timeout, max_rss_bytes=int(max_extra + 2 * _measure.GIB),
-                                      threads=args.threads)
-            if res["status"] != "ok":
-                why = res.get("reason") or f"error (exit {res.get('returncode')}): {res.get('stderr', '')[-300:]}"
-                failed[name] = res["status"]
-                res.update(base)
-                res["note"] = f"{res['status']}: {why}"
-                print(f"[bench] N={n} {name}: {res['note']}", file=sys.stderr)
             else:
-                measured[name][n] = res["extra_peak_bytes"]
+                runnable.append(name)
+        # Rounds interleave the implementations, so a burst of load from other jobs on a shared
+        # machine spreads over all of them instead of landing on one.
+        runs: dict[str, list[dict]] = {name: [] for name in runnable}
+        for round_ in range(args.rounds):
+            for name in runnable:
+                if name in failed:
+                    continue
+                print(f"[bench] N={n} {name} (round {round_ + 1}/{args.rounds}): running", file=sys.stderr, flush=True)
+                argv = [script, "--worker", "--impl", name, "--sizes", str(n), "--dim", str(args.dim),
+                        "--temperature", str(args.temperature), "--threads", str(args.threads),
+                        "--chunk-size", str(args.chunk_size), "--repeat", str(args.repeat),
+                        "--budget", str(args.budget), "--seed", str(args.seed)]
+                res = _measure.run_worker(argv, timeout_s=args.timeout,
+                                          max_rss_bytes=int(max_extra + 2 * _measure.GIB), threads=args.threads)
+                if res["status"] != "ok":
+                    why = res.get("reason") or f"error (exit {res.get('returncode')}): {res.get('stderr', '')[-300:]}"
+                    failed[name] = res["status"]
+                    res.update({"impl": name, "n": n, "note": f"{res['status']}: {why}"})
+                    print(f"[bench] N={n} {name}: {res['note']}", file=sys.stderr)
+                    runs[name] = [res]
+                    continue
+                runs[name].append(res)
                 print(f"[bench] N={n} {name}: {_fmt_time(res['median_s'])}, {_fmt_bytes(res['extra_peak_bytes'])}, "
                       f"loss {res['loss']:.6f}", file=sys.stderr, flush=True)
+        for name in runnable:
+            res = merge_rounds(runs[name])
+            if res["status"] == "ok":
+                measured[name][n] = res["extra_peak_bytes"]
             results.append(res)
 
+    order = list(IMPLS)
+    results.sort(key=lambda r: (r["n"], order.index(r["impl"])))
     check_agreement(results)
     for r in results:
         if r["status"] == "ok" and not r["agrees"]:
@@ -400,7 +433,7 @@ def driver(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "losses_quick" if args.quick else "losses"
+    stem = args.stem or ("losses_quick" if args.quick else "losses")
     (out / f"{stem}.md").write_text(markdown)
     (out / f"{stem}.json").write_text(json.dumps(
         {"machine": machine, "settings": settings, "results": results, "targets": targets}, indent=2) + "\n")
@@ -420,6 +453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None, help="timed passes per configuration (default 5, --quick 3)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timing per configuration; no new pass starts after it (default 20, --quick 2)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration in this many fresh workers, interleaved, and pool the timings")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
@@ -429,6 +464,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-mem-gb", type=float, default=None,
                    help="skip configurations predicted to need more extra memory (default 60%% of MemAvailable)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="folder for .md and .json")
+    p.add_argument("--stem", default=None, help="file name (no suffix) in --out; default losses (--quick: losses_quick)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -436,7 +472,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeat = 3 if args.quick else 5
     if args.budget is None:
         args.budget = 2.0 if args.quick else 20.0
-    for name in ("repeat", "dim", "threads", "chunk_size"):
+    for name in ("repeat", "rounds", "dim", "threads", "chunk_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature <= 0 or args.budget <= 0 or args.timeout <= 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +14,15 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import _measure  # noqa: E402
+
+
+def _load_bench_losses():
+    if "bench_losses" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_losses", BENCH / "losses.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_losses"] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules["bench_losses"]
 
 
 def _importable(module: str, attr: str | None = None) -> bool:
@@ -70,6 +80,41 @@ def test_prediction_skips_over_budget_configurations(tmp_path):
     result = json.loads((tmp_path / "losses_quick.json").read_text())["results"]
     assert [r["status"] for r in result] == ["skipped"]
     assert "needs ≈" in result[0]["note"] and "skipped: needs" in (tmp_path / "losses_quick.md").read_text()
+
+
+def _result(impl, loss=1.0, grad_norm=2.0, grad_proj=0.5, times=(1.0,), peak=100):
+    return {"impl": impl, "n": 8, "status": "ok", "loss": loss, "grad_norm": grad_norm, "grad_proj": grad_proj,
+            "times_s": list(times), "cpu_times_s": [2 * t for t in times], "extra_peak_bytes": peak,
+            "median_s": times[0], "min_s": times[0], "max_s": times[0], "cpu_median_s": 2 * times[0], "reps": 1}
+
+
+def test_agreement_flags_a_wrong_loss_or_gradient():
+    bench = _load_bench_losses()
+    results = [_result("lightly"), _result("cmgen", loss=1.00001), _result("cmgen-chunked", grad_proj=0.51),
+               _result("pml-supcon", loss=1.01)]
+    bench.check_agreement(results)
+    assert [r["reference"] for r in results] == ["lightly"] * 4
+    assert [r["agrees"] for r in results] == [True, True, False, False]
+    assert results[2]["grad_rel_diff"] == pytest.approx(0.01 / 2.0)
+
+
+def test_merge_rounds_pools_timings_and_takes_median_memory():
+    bench = _load_bench_losses()
+    merged = bench.merge_rounds([_result("cmgen", times=(3.0, 1.0), peak=10), _result("cmgen", times=(2.0,), peak=30),
+                                 _result("cmgen", times=(5.0,), peak=20)])
+    assert merged["times_s"] == [3.0, 1.0, 2.0, 5.0] and merged["reps"] == 4 and merged["rounds"] == 3
+    assert merged["median_s"] == 2.5 and merged["min_s"] == 1.0 and merged["cpu_median_s"] == 5.0
+    assert merged["extra_peak_bytes"] == 20
+
+
+def test_memory_prediction_scales_dense_quadratically_and_chunked_linearly():
+    bench = _load_bench_losses()
+    dense, chunked = bench.IMPLS["lightly"], bench.IMPLS["cmgen-chunked"]
+    assert bench.predict_extra_bytes(dense, 4096, 1024, {1024: 100, 512: 1}) == 1600
+    assert bench.predict_extra_bytes(chunked, 4096, 1024, {1024: 100}) == 400
+    # nothing measured yet: the prior, per element of the (2N)^2 matrix or the chunk x 2N block
+    assert bench.predict_extra_bytes(dense, 1024, 1024, {}) == dense.bytes_per_elem * 2048**2
+    assert bench.predict_extra_bytes(chunked, 1024, 256, {}) == chunked.bytes_per_elem * 256 * 2048
 
 
 @pytest.mark.slow
