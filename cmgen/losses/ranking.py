@@ -12,12 +12,22 @@ Reduction: ``"sum"`` (default) is VSE++'s ``ContrastiveLoss`` (a sum over anchor
 ``"mean"`` divides by the number of hinge terms: 2N(N−1) with all negatives, which is the
 collaborative-experts / support-set ``MaxMarginRankingLoss`` (``fix_norm=True``: mean over the
 off-diagonal pairs), or 2N with the hardest negative only.
+
+``gather_distributed=True`` (the "local loss"): rank r's anchors are its own a_i (against the b of all
+ranks, gathered with gradient) and its own b_j (against the gathered a). With W ranks of n pairs each
+(global N = W n), the rank's loss is W · (sum of its anchors' hinges) for ``"sum"`` and that divided by
+the global count 2N(N−1) (or 2N) for ``"mean"``; every hinge belongs to exactly one rank's anchors, so
+the mean of the rank losses equals the single-process loss on the global batch, and the per-rank input
+gradients follow the convention of :mod:`cmgen.distributed` (W × the global gradient, which DDP's
+averaging divides back).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cmgen import distributed as cdist
 
 __all__ = ["MaxMarginRanking"]
 
@@ -32,18 +42,22 @@ class MaxMarginRanking(nn.Module):
         normalize: L2-normalize the inputs, so s_ij is a cosine similarity. VSE++ normalizes inside
             its encoders and takes the plain dot product in the loss; pass ``normalize=False`` for
             embeddings that are already normalized or when raw dot products are wanted.
+        gather_distributed: rank the local anchors against the global batch (module docstring).
     """
 
-    def __init__(self, margin: float = 0.2, hardest: bool = False, reduction: str = "sum", normalize: bool = True):
+    def __init__(self, margin: float = 0.2, hardest: bool = False, reduction: str = "sum", normalize: bool = True,
+                 gather_distributed: bool = False):
         super().__init__()
         if not float(margin) >= 0:
             raise ValueError(f"margin must be >= 0, got {margin!r}")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.margin, self.hardest, self.reduction, self.normalize = float(margin), bool(hardest), reduction, normalize
+        self.gather_distributed = gather_distributed
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, hardest={self.hardest}, reduction={self.reduction!r}, normalize={self.normalize}"
+        return (f"margin={self.margin}, hardest={self.hardest}, reduction={self.reduction!r}, "
+                f"normalize={self.normalize}, gather_distributed={self.gather_distributed}")
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Shape: a (N, D), b (N, D) with a_i matching b_i; returns a scalar."""
@@ -52,24 +66,39 @@ class MaxMarginRanking(nn.Module):
                 f"a and b must both be (N, D) with the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
         if self.normalize:
             a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-        return self.from_similarity(a @ b.t())
+        if not (self.gather_distributed and cdist.is_distributed()):
+            return self.from_similarity(a @ b.t())
+        n, world = a.shape[0], cdist.world_size()
+        total_n = world * n
+        if total_n < 2:
+            raise ValueError(f"the global batch needs N >= 2, got N={total_n}")
+        own = torch.arange(n, device=a.device) + cdist.rank() * n
+        pos = (a * b).sum(1)  # s_ii of the local pairs
+        # a→b: local a_i against every b_j; b→a: local b_j against every a_i (rows of (b a^T) = columns of s)
+        local = (self._anchor_hinges(a @ cdist.gather_with_grad(b).t(), pos, own).sum()
+                 + self._anchor_hinges(b @ cdist.gather_with_grad(a).t(), pos, own).sum())
+        count = 2 * total_n if self.hardest else 2 * total_n * (total_n - 1)
+        return local * world if self.reduction == "sum" else local * (world / count)
+
+    def _anchor_hinges(self, sim_rows: torch.Tensor, pos: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """Per-anchor hinge sum (or hardest hinge) of VSE++ Eq. 2 (Eq. 4), shape (n,).
+
+        ``sim_rows`` (n, M): similarities of n anchors to M candidates, ``pos`` (n,) the anchors' matching
+        similarity, ``own`` (n,) the column of each anchor's match, which is not a negative.
+        """
+        off = torch.ones_like(sim_rows, dtype=torch.bool)
+        off[torch.arange(sim_rows.shape[0], device=sim_rows.device), own] = False
+        cost = (self.margin - pos[:, None] + sim_rows).clamp_min(0) * off
+        # the zeroed own column never wins over a positive hinge, and when all hinges are 0 the max is 0
+        return cost.max(dim=1).values if self.hardest else cost.sum(dim=1)
 
     def from_similarity(self, sim: torch.Tensor) -> torch.Tensor:
         """The loss from a precomputed (N, N) similarity matrix with matches on the diagonal."""
         if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] < 2:
             raise ValueError(f"sim must be a square (N, N) matrix with N >= 2, got {tuple(sim.shape)}")
         n = sim.shape[0]
-        pos = sim.diagonal()
-        off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
-        # cost_ab[i, j]: anchor a_i, negative b_j; cost_ba[i, j]: anchor b_j, negative a_i (VSE++ Eq. 2).
-        cost_ab = (self.margin - pos[:, None] + sim).clamp_min(0) * off
-        cost_ba = (self.margin - pos[None, :] + sim).clamp_min(0) * off
-        if self.hardest:
-            # VSE++ Eq. 4: the hardest negative of each anchor (the zeroed diagonal never wins over a
-            # positive hinge, and when all hinges are 0 the max is 0 either way).
-            cost_ab, cost_ba = cost_ab.max(dim=1).values, cost_ba.max(dim=0).values
-            count = 2 * n
-        else:
-            count = 2 * n * (n - 1)
-        total = cost_ab.sum() + cost_ba.sum()
+        pos, own = sim.diagonal(), torch.arange(n, device=sim.device)
+        # anchor a_i: row i of s against the b_j; anchor b_j: column j of s against the a_i (VSE++ Eq. 2)
+        total = self._anchor_hinges(sim, pos, own).sum() + self._anchor_hinges(sim.t(), pos, own).sum()
+        count = 2 * n if self.hardest else 2 * n * (n - 1)
         return total if self.reduction == "sum" else total / count

@@ -28,19 +28,36 @@ class SelfCon(nn.Module):
 
     ``backbone_anchors=False`` reproduces the official ``selfcon_s_FG`` / ``selfcon_m_FG`` variants: the
     backbone exit's outputs are not anchors (they still appear as positives and in the denominators).
+
+    ``gather_distributed=True``: this rank's outputs are the anchors and the outputs of all ranks, gathered
+    with gradient, the contrast set, exactly as :class:`SupCon` with ``gather_distributed=True`` (labels
+    gathered, the rank's loss scaled so that the mean over ranks is the global mean over anchors). For
+    SelfCon-M the local rows are [view 1 of the local batch; view 2 of the local batch], so the gathered
+    sample order differs from the single-process order on the concatenated batch, but positives are
+    defined by labels (or sample identity) and the loss is a mean over anchors, so value and gradients
+    are those of the single-process loss on the global batch. Every rank needs the same B.
+
+    Args:
+        temperature: T > 0.
+        base_temperature: base_T > 0 (loss scaled by T / base_T, as the official ``ConLoss``).
+        backbone_anchors: the backbone exit's outputs act as anchors (False: ``selfcon_*_FG``).
+        chunk_size: rows per tile of the shared core, ``None`` = automatic.
+        gather_distributed: contrast the local anchors against the global batch.
     """
 
     def __init__(self, temperature: float = 0.07, base_temperature: float = 0.07, backbone_anchors: bool = True,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, gather_distributed: bool = False):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.base_temperature = check_temperature(base_temperature, "base_temperature")
         self.backbone_anchors = backbone_anchors
         self.chunk_size = check_chunk_size(chunk_size)
-        self.supcon = SupCon(self.temperature, self.base_temperature, chunk_size=self.chunk_size)
+        self.gather_distributed = gather_distributed
+        self.supcon = SupCon(self.temperature, self.base_temperature, chunk_size=self.chunk_size,
+                             gather_distributed=gather_distributed)
 
     def extra_repr(self) -> str:
-        return f"backbone_anchors={self.backbone_anchors}"
+        return f"backbone_anchors={self.backbone_anchors}, gather_distributed={self.gather_distributed}"
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmgen import distributed as cdist
 from cmgen.losses._core import check_chunk_size, check_pair, check_temperature, masked_logsumexp, rowdot
 
 __all__ = ["TwoC"]
@@ -28,19 +29,34 @@ class TwoC(nn.Module):
     which cancels in num/den, so ``margin`` only exists for config compatibility and does not change the
     loss (0 in every published config); its extra factor t inside the log (StudioGAN #85) only shifts the
     value by -log t (0 at the default t = 1) and is not reproduced.
+
+    ``gather_distributed=True`` (the "local loss"): this rank's samples are the anchors i, and the sums
+    over j run over the normalised embeddings of all ranks, gathered with gradient, with their labels
+    gathered without gradient (j != i means "not this anchor's own global column"); the proxy term stays
+    local. Every rank needs the same N, so the mean of the rank losses is the single-process loss on the
+    global batch. With no process group it is the single-process loss.
+
+    Args:
+        temperature: t > 0.
+        margin: m, subtracted from every similarity (cancels; see above).
+        pos_collected_numerator: same-label samples join the numerator.
+        chunk_size: rows per tile of the shared core, ``None`` = automatic.
+        gather_distributed: sum over the global batch (see above).
     """
 
     def __init__(self, temperature: float = 1.0, margin: float = 0.0, pos_collected_numerator: bool = True,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, gather_distributed: bool = False):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.margin = float(margin)
         self.pos_collected_numerator = pos_collected_numerator
         self.chunk_size = check_chunk_size(chunk_size)
+        self.gather_distributed = gather_distributed
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, margin={self.margin}, "
-                f"pos_collected_numerator={self.pos_collected_numerator}")
+                f"pos_collected_numerator={self.pos_collected_numerator}, "
+                f"gather_distributed={self.gather_distributed}")
 
     def forward(self, embeddings: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """
@@ -59,11 +75,17 @@ class TwoC(nn.Module):
         e, p = F.normalize(embeddings, dim=1), F.normalize(proxies, dim=1)
         scale, shift = 1.0 / self.temperature, self.margin / self.temperature
         proxy_term = scale * rowdot(e, p) - shift
-        den = torch.logaddexp(proxy_term, masked_logsumexp(e, scale=scale, exclude="diagonal",
+        if self.gather_distributed and cdist.is_distributed():
+            # local anchors against the global batch; anchor i is global column rank * N + i
+            cols, exclude = cdist.gather_with_grad(e), torch.arange(n, device=e.device) + cdist.rank() * n
+            col_labels = cdist.gather_no_grad(labels)
+        else:
+            cols, exclude, col_labels = None, "diagonal", None
+        den = torch.logaddexp(proxy_term, masked_logsumexp(e, cols, scale=scale, exclude=exclude,
                                                            chunk_size=self.chunk_size) - shift)
         if self.pos_collected_numerator:
-            same = masked_logsumexp(e, scale=scale, exclude="diagonal", row_labels=labels, label_mode="same",
-                                    chunk_size=self.chunk_size)
+            same = masked_logsumexp(e, cols, scale=scale, exclude=exclude, row_labels=labels, col_labels=col_labels,
+                                    label_mode="same", chunk_size=self.chunk_size)
             num = torch.logaddexp(proxy_term, same - shift)
         else:
             num = proxy_term

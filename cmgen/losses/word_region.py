@@ -14,12 +14,21 @@ Follows the official ``xmcgan/libml/attention_lib.py::word_loss``:
 Padding: the official code masks words at positions ≥ the caption length; here ``word_mask`` marks
 valid words, so any pattern works. A padded word has no effect on the loss and receives a zero
 gradient.
+
+``gather_distributed=True`` (the "local loss"): the images of this rank are scored against the captions
+of all ranks (words gathered with gradient, word_mask without) and the captions of this rank against the
+images of all ranks (regions gathered with gradient); the two cross-entropies become the means over the
+local rows of these (n × W n) score matrices, the target of local row i being global column rank·n + i.
+Every rank needs the same n, so the mean of the rank losses is the single-process loss on the global
+batch.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cmgen import distributed as cdist
 
 __all__ = ["WordRegion"]
 
@@ -32,17 +41,21 @@ class WordRegion(nn.Module):
         gamma2: sharpness of the soft-max over words in the score (γ2, default 5).
         gamma3: logit scale (γ3, default 50).
         eps: clamp on vector norms for normalization and cosine similarity.
+        gather_distributed: score local images and captions against the global batch (module docstring).
     """
 
-    def __init__(self, gamma1: float = 5.0, gamma2: float = 5.0, gamma3: float = 50.0, eps: float = 1e-8):
+    def __init__(self, gamma1: float = 5.0, gamma2: float = 5.0, gamma3: float = 50.0, eps: float = 1e-8,
+                 gather_distributed: bool = False):
         super().__init__()
         for name, value in (("gamma1", gamma1), ("gamma2", gamma2), ("gamma3", gamma3), ("eps", eps)):
             if not float(value) > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         self.gamma1, self.gamma2, self.gamma3, self.eps = float(gamma1), float(gamma2), float(gamma3), float(eps)
+        self.gather_distributed = gather_distributed
 
     def extra_repr(self) -> str:
-        return f"gamma1={self.gamma1}, gamma2={self.gamma2}, gamma3={self.gamma3}"
+        return (f"gamma1={self.gamma1}, gamma2={self.gamma2}, gamma3={self.gamma3}, "
+                f"gather_distributed={self.gather_distributed}")
 
     def scores(self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         """Caption-image logits γ3·score(b, i), shape (N_images, N_captions).
@@ -84,6 +97,14 @@ class WordRegion(nn.Module):
         if regions.shape[0] != words.shape[0]:
             raise ValueError(
                 f"regions and words must have the same batch size, got {regions.shape[0]} and {words.shape[0]}")
-        logits = self.scores(regions, words, word_mask)  # (images, captions)
-        target = torch.arange(logits.shape[0], device=logits.device)
-        return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+        if not (self.gather_distributed and cdist.is_distributed()):
+            logits = self.scores(regions, words, word_mask)  # (images, captions)
+            target = torch.arange(logits.shape[0], device=logits.device)
+            return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+        n = regions.shape[0]
+        # gloo cannot all-gather bool tensors
+        mask_all = cdist.gather_no_grad(word_mask.to(torch.uint8)).bool()
+        image_rows = self.scores(regions, cdist.gather_with_grad(words), mask_all)  # (n, W n)
+        caption_rows = self.scores(cdist.gather_with_grad(regions), words, word_mask).t()  # (n, W n)
+        target = torch.arange(n, device=regions.device) + cdist.rank() * n
+        return F.cross_entropy(image_rows, target) + F.cross_entropy(caption_rows, target)
