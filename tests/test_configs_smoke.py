@@ -30,12 +30,13 @@ def test_two_steps(config, tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs(tmp_path):
-    """`cmgen demo` end to end on tiny settings: data, engine run and a report with its pictures."""
+    """`cmgen demo` end to end on tiny settings: data, quick loss benchmark, engine run, report with pictures."""
     from cmgen.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "4", "--skip-bench"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "4"]) == 0
     report = (out / "report.md").read_text()
     for png in ("shapes.png", "moving_digits.png", "toy_losses.png"):
         assert f"({png})" in report and (out / png).stat().st_size > 0
     assert "MoveUpLeft" in report
+    assert "## Loss benchmark" in report and "NTXent" in report
