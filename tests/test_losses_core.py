@@ -203,3 +203,34 @@ def test_tiny_temperature_takes_the_stable_path_exactly(dtype):
     r0, r1 = z0.clone().requires_grad_(), z1.clone().requires_grad_()
     ntxent_ref(r0, r1, 0.004).backward()
     torch.testing.assert_close(a.grad.double(), r0.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_rectangular_tiny_temperature_and_zero_weights_are_exact(chunk):
+    # MoCo shape (queries vs a queue) at T = 0.003 with unnormalised inputs: exp(S - bound) underflows for
+    # most rows, so the rectangular core must fall back to max-shifted rows; zero weights drop columns.
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k = (3 * torch.randn(9, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    w = torch.rand(9, generator=g, dtype=torch.float64)
+    w[[1, 4]] = 0.0
+    bias = torch.log(w)
+    allowed = [[bool(w[j] > 0) for j in range(9)] for _ in range(5)]
+    weights = torch.randn(5, generator=g, dtype=torch.float64)
+    out, grads = _grads(lambda q_, k_: masked_logsumexp(q_, k_, scale=1 / 0.003, bias=bias, chunk_size=chunk),
+                        [q, k], weights)
+    ref, ref_grads = _grads(lambda q_, k_: _dense_lse(q_, k_, 1 / 0.003, allowed, bias), [q, k], weights)
+    torch.testing.assert_close(out, ref)
+    for gr, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(gr, rg)
+
+
+def test_kept_tiles_survive_a_second_backward():
+    # chunk_size=None keeps the forward's exp tiles for backward; retain_graph must see them unchanged.
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(8, 5, generator=g, requires_grad=True)
+    k = torch.randn(30, 5, generator=g)
+    loss = InfoNCE(0.1)(q, q.detach() + 0.1, negatives=k)
+    (g1,) = torch.autograd.grad(loss, q, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, q)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)

@@ -119,7 +119,16 @@ def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
 
 
 class _MaskedLSE(torch.autograd.Function):
-    """Rectangular case: rows q (N, D) against columns k (M, D), tiles of (rows, M)."""
+    """Rectangular case: rows q (N, D) against columns k (M, D), tiles of (rows, M).
+
+    Fast path (one exp per tile, as in :class:`_SymmetricLSE`): the per-row bound
+    c_i = scale |q_i| max_j |k_j| + max_j bias_j (Cauchy-Schwarz) makes E = exp(S - c) <= 1, and the
+    augmented factors [scale q, 1, -c] (N, D + 2) and [k, bias, 1] (M, D + 2) give S - c straight out of
+    the matmul, so a tile costs one matmul, one exp and one row sum. Backward: P_ij = exp(S_ij - lse_i) g_i
+    = E_ij u_i with u_i = g_i exp(c_i - lse_i). A row whose sum falls below 2^-60 (every logit far below
+    its bound) is recomputed with a max shift; if such a row is not empty the call uses the stable path
+    (two exps per tile), which is exact for any input.
+    """
 
     @staticmethod
     def forward(ctx, q, k, bias, spec: _Spec):
@@ -129,35 +138,60 @@ class _MaskedLSE(torch.autograd.Function):
             bc = bias.to(dtype) if bias is not None else None
             n, m = qc.shape[0], kc.shape[0]
             rows = spec.chunk or max(1, min(n, _AUTO_TILE_ELEMENTS // max(m, 1)))
-            lse = qc.new_empty(n)
+            c = _row_bounds(qc, kc, bc, spec.scale)
+            qa, ka = _rect_factors(qc, kc, bc, spec.scale, c)
+            # chunk_size=None and a small problem: keep the exp tiles for backward instead of recomputing
+            # them (the MoCo case, N x K = 256 x 65536, saves one of three matmuls).
+            keep = spec.chunk is None and n * m <= _KEEP_ELEMENTS
+            kept = []
+            sums = qc.new_empty(n)
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
-                s = _tile(qc, kc, bc, spec, r0, r1)
-                torch.logsumexp(s, dim=1, out=lse[r0:r1])
-        ctx.save_for_backward(q, k, bias, lse)
-        ctx.spec, ctx.rows = spec, rows
+                e = spec.apply_mask(torch.mm(qa[r0:r1], ka.t()), r0, r1, 0, m).exp_()
+                torch.sum(e, dim=1, out=sums[r0:r1])
+                if keep:
+                    kept.append(e)
+            low = torch.nonzero(sums < _LOW_SUM, as_tuple=True)[0]
+            lse = sums.log_().add_(c)
+            stable = False
+            if low.numel():
+                lse[low] = _rect_stable_rows(qc, kc, bc, spec, low, rows)
+                stable = bool(torch.isfinite(lse[low]).any())
+        ctx.save_for_backward(q, k, bias, lse, c)
+        ctx.spec, ctx.rows, ctx.stable = spec, rows, stable
+        ctx.kept = kept if not stable else []
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse):
-        q, k, bias, lse = ctx.saved_tensors
+        q, k, bias, lse, c = ctx.saved_tensors
         spec, rows = ctx.spec, ctx.rows
         dtype = lse.dtype
         with torch.autocast(q.device.type, enabled=False):
             qc, kc = q.to(dtype), k.to(dtype)
             bc = bias.to(dtype) if bias is not None else None
             g = grad_lse.to(dtype)
-            lse_safe = _finite_or_zero(lse)
-            n = qc.shape[0]
+            n, m = qc.shape[0], kc.shape[0]
             need_q, need_k, need_b = ctx.needs_input_grad[:3]
             dq = torch.empty_like(qc) if need_q else None
             dk = torch.zeros_like(kc) if need_k else None
             db = torch.zeros_like(bc) if need_b else None
-            for r0 in range(0, n, rows):
+            finite = torch.isfinite(lse)
+            if ctx.stable:
+                # P = exp(S - lse) g from the max-shifted logits (kept tiles are never used here)
+                qa, ka = _rect_factors(qc, kc, bc, spec.scale, torch.where(finite, lse, 0.0))
+                u = torch.where(finite, g, 0.0)
+            else:
+                qa, ka = _rect_factors(qc, kc, bc, spec.scale, c)
+                u = torch.where(finite, g * torch.exp(c - torch.where(finite, lse, 0.0)), 0.0)
+            for t, r0 in enumerate(range(0, n, rows)):
                 r1 = min(n, r0 + rows)
-                # P = softmax weights of the tile times the incoming gradient, built in place.
-                p = _tile(qc, kc, bc, spec, r0, r1)
-                p.sub_(lse_safe[r0:r1, None]).exp_().mul_(g[r0:r1, None])
+                # P = softmax weights of the tile times the incoming gradient (a kept tile is left
+                # untouched, so a second backward with retain_graph=True sees it unchanged)
+                if ctx.kept:
+                    p = ctx.kept[t] * u[r0:r1, None]
+                else:
+                    p = spec.apply_mask(torch.mm(qa[r0:r1], ka.t()), r0, r1, 0, m).exp_().mul_(u[r0:r1, None])
                 if need_q:
                     torch.mm(p, kc, out=dq[r0:r1])
                 if need_k:
@@ -172,12 +206,45 @@ class _MaskedLSE(torch.autograd.Function):
                 db.to(bias.dtype) if need_b else None, None)
 
 
-def _tile(qc, kc, bc, spec: _Spec, r0: int, r1: int) -> torch.Tensor:
-    s = torch.mm(qc[r0:r1], kc.t())
-    s.mul_(spec.scale)
+# chunk_size=None keeps the forward's exp tiles for backward up to this many elements (128 MiB in fp32).
+_KEEP_ELEMENTS = 1 << 25
+
+# Stands in for a -inf bias inside the augmented matmul (exp of it is exactly 0, and no inf - inf = nan
+# can arise); the column mask semantics are unchanged.
+_NEG_BIG = -1e30
+
+
+def _row_bounds(qc: torch.Tensor, kc: torch.Tensor, bc: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """(N,) upper bounds c_i >= scale q_i . k_j + bias_j for every j (Cauchy-Schwarz)."""
+    kmax = kc.norm(dim=1).max() if kc.shape[0] else kc.new_zeros(())
+    c = scale * qc.norm(dim=1) * kmax
     if bc is not None:
-        s.add_(bc)
-    return spec.apply_mask(s, r0, r1, 0, kc.shape[0])
+        finite = bc[torch.isfinite(bc)]
+        if finite.numel():
+            c = c + finite.max()
+    return c
+
+
+def _rect_factors(qc, kc, bc, scale: float, shift: torch.Tensor):
+    """[scale q, 1, -shift] (N, D + 2) and [k, bias, 1] (M, D + 2): their product is
+    scale q k^T + bias - shift, straight out of the matmul."""
+    n, m = qc.shape[0], kc.shape[0]
+    b = kc.new_zeros(m) if bc is None else bc.clamp(min=_NEG_BIG)
+    qa = torch.cat([qc * scale, qc.new_ones(n, 1), -shift[:, None]], dim=1)
+    ka = torch.cat([kc, b[:, None], kc.new_ones(m, 1)], dim=1)
+    return qa, ka
+
+
+def _rect_stable_rows(qc, kc, bc, spec: _Spec, idx: torch.Tensor, rows: int) -> torch.Tensor:
+    """Exact (max-shifted) LSE of the rows ``idx`` against every column."""
+    out = qc.new_empty(idx.numel())
+    for a in range(0, idx.numel(), rows):
+        sel = idx[a:a + rows]
+        s = torch.mm(qc[sel], kc.t()).mul_(spec.scale)
+        if bc is not None:
+            s.add_(bc)
+        out[a:a + rows] = torch.logsumexp(spec.apply_mask_rows(s, sel), dim=1)
+    return out
 
 
 class _SymmetricLSE(torch.autograd.Function):
