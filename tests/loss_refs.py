@@ -106,7 +106,9 @@ def selfcon_ref(features, t, base_t, labels=None, backbone_anchors=True):
             for x in range(e):
                 outs.append(features[i, vv, x])
                 ident.append((vv, i))
-                lab.append(int(labels[i]) if labels is not None else (vv, i))
+                # official selfcon_m_FG (backbone not an anchor) tiles eye(B) over the views: without
+                # labels the views of one image are positives; otherwise each (view, sample) is its own class
+                lab.append(int(labels[i]) if labels is not None else (i if not backbone_anchors else (vv, i)))
                 is_backbone.append(x == e - 1)
     total, count = 0.0, 0
     for a in range(len(outs)):

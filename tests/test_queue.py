@@ -36,7 +36,7 @@ def test_ages_and_wrap_around_with_batch_not_dividing_size():
         slot_age = [a + 1 for a in slot_age]
         for j in range(b):
             slot_index[(ptr + j) % size] = total + j
-            slot_age[(ptr + j) % size] = 0
+            slot_age[(ptr + j) % size] = 1  # VideoMoCo: written slots get count 1
         ptr, total = (ptr + b) % size, total + b
         assert int(q.ptr) == ptr, step
         assert q.ages.tolist() == slot_age, step
@@ -53,18 +53,18 @@ def test_ages_after_several_enqueues_explicit():
     q.enqueue(torch.randn(2, 2))  # slots 0,1
     q.enqueue(torch.randn(2, 2))  # slots 2,3
     q.enqueue(torch.randn(3, 2))  # slots 4,5,0
-    # slot 0 rewritten last step; slot 1 written 3 enqueues ago; 2,3 two ago; 4,5 now
-    assert q.ages.tolist() == [0, 2, 1, 1, 0, 0]
+    # age counts the write itself: slot 0 rewritten now (1); slot 1 written 3 enqueues ago; 2,3 two ago; 4,5 now
+    assert q.ages.tolist() == [1, 3, 2, 2, 1, 1]
     assert int(q.ptr) == 1 and int(q.num_filled) == 6
-    torch.testing.assert_close(q.weights(), torch.tensor([1.0, 0.25, 0.5, 0.5, 1.0, 1.0]))
+    torch.testing.assert_close(q.weights(), torch.tensor([0.5, 0.125, 0.25, 0.25, 0.5, 0.5]))
     # never-written random keys also age (VideoMoCo ages every slot per enqueue)
     r = MoCoQueue(2, 6, temporal_decay=0.5)
     r.enqueue(torch.randn(1, 2))
     r.enqueue(torch.randn(1, 2))
-    assert r.ages.tolist() == [1, 0, 2, 2, 2, 2]
+    assert r.ages.tolist() == [2, 1, 2, 2, 2, 2]
     assert r.valid_mask().tolist() == [True, True, False, False, False, False]
     keys, weights = r.snapshot(valid_only=True)
-    assert keys.shape == (2, 2) and weights.tolist() == [0.5, 1.0]
+    assert keys.shape == (2, 2) and weights.tolist() == [0.25, 0.5]
 
 
 def test_videomoco_default_decay_weights_in_float64():

@@ -58,8 +58,9 @@ class DCL(_PairLoss):
         l_i = -s_{i,p(i)} / T + log sum_{j not in {i, p(i)}} exp(s_ij / T),   mean over the 2N anchors.
 
     Averaging over both views' anchors equals lightly's ``DCLLoss`` (0.5 * (L(z0, z1) + L(z1, z0))); the
-    official code's README sums the two directions, which is exactly twice this value. The DCLW weighting
-    is not included.
+    widely used third-party implementation (raminnakhli/Decoupled-Contrastive-Learning; the authors released
+    none) sums the two directions in its README, exactly twice this value. The DCLW weighting is not
+    included. Not to be confused with Chuang et al.'s *debiased* contrastive loss: that is ``HCL(beta=0)``.
     """
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True, chunk_size: int | None = None,

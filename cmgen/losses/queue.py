@@ -24,7 +24,8 @@ class MoCoQueue(nn.Module):
     VideoMoCo code does not save the ages):
 
     - ``keys`` (size, dim): random unit vectors at construction (as MoCo), then enqueued keys.
-    - ``ages`` (size,) long: number of enqueues since each slot was written (never-written slots age
+    - ``ages`` (size,) long: number of enqueues since each slot was written, counting the write itself,
+      as VideoMoCo's ``count`` (a key enqueued at the last step has age 1, weight t; never-written slots age
       from construction too, as in VideoMoCo).
     - ``ptr`` () long: the slot the next key is written to.
     - ``num_filled`` () long: how many slots hold enqueued keys, ``min(total enqueued, size)``; see
@@ -63,7 +64,8 @@ class MoCoQueue(nn.Module):
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write ``keys`` (B, D) at the pointer, wrapping around; B need not divide ``size``.
 
-        Every stored key ages by one step and the new keys get age 0 (VideoMoCo ages per enqueue).
+        Every stored key ages by one step and the new keys get age 1 (VideoMoCo's ``_dequeue_and_enqueue``:
+        ``count += 1`` then ``count[ptr:ptr + B] = 1``), so the freshest keys already carry weight t.
         The keys are stored detached, cast to the queue's dtype and device. Call this *after* the loss
         of the step has been computed (MoCo), and note that it writes in place: a loss that still needs
         the old ``keys`` for backward must use :meth:`snapshot` (or ``keys.clone()``).
@@ -81,7 +83,7 @@ class MoCoQueue(nn.Module):
         idx = idx.to(self.keys.device)
         self.keys[idx] = keys.detach().to(dtype=self.keys.dtype, device=self.keys.device)
         self.ages += 1
-        self.ages[idx] = 0
+        self.ages[idx] = 1
         self.ptr.copy_((self.ptr + b) % self.size)
         self.num_filled.copy_(torch.clamp(self.num_filled + b, max=self.size))
 

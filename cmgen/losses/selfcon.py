@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cmgen import distributed as cdist
 from cmgen.losses._core import check_chunk_size, check_temperature
 from cmgen.losses.supcon import SupCon
 
@@ -26,8 +27,12 @@ class SelfCon(nn.Module):
     sample is its own class; for SelfCon-M that follows the official code, where the two augmented views of
     an image are NOT positives of each other (mask = identity over the 2B rows).
 
-    ``backbone_anchors=False`` reproduces the official ``selfcon_s_FG`` / ``selfcon_m_FG`` variants: the
-    backbone exit's outputs are not anchors (they still appear as positives and in the denominators).
+    ``backbone_anchors=False`` is the FG term of the official ``selfcon_s_FG`` / ``selfcon_m_FG`` variants:
+    the backbone exit's outputs are not anchors (they still appear as positives and in the denominators).
+    There the official code builds the unlabelled mask as eye(B) tiled over the 2B rows, so for SelfCon-M
+    without labels the two augmented views of an image ARE positives of each other; that is reproduced.
+    The official ``*_FG`` runs add a separate backbone-only SupCon term (weighted against this one by
+    ``alpha``); compute it with :class:`SupCon` on the backbone outputs.
 
     ``gather_distributed=True``: this rank's outputs are the anchors and the outputs of all ranks, gathered
     with gradient, the contrast set, exactly as :class:`SupCon` with ``gather_distributed=True`` (labels
@@ -73,6 +78,10 @@ class SelfCon(nn.Module):
             if n_views != 2:
                 raise ValueError(f"SelfCon-M features must be (B, 2, E, D), got shape {tuple(features.shape)}")
             features = features.transpose(0, 1).reshape(2 * b, e, d)
+            if labels is None and not self.backbone_anchors:
+                # official selfcon_m_FG: eye(B) tiled over both views; the global sample index keeps the
+                # samples of different ranks apart under gather_distributed
+                labels = torch.arange(b, device=features.device) + cdist.rank() * b
             if labels is not None:
                 if labels.shape != (b,):
                     raise ValueError(f"labels must be (B,) = ({b},), got {tuple(labels.shape)}")
