@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("cmgen.engine.train_cli", "train a method from a YAML config: cmgen train CONFIG [key=value ...]"),
     "data": ("cmgen.data.cli", "write the embedded synthetic datasets (shapes, moving-digits)"),
+    "eval": ("evaluation.cli", "evaluate: cmgen eval retrieval|generation ..."),
     "demo": ("cmgen.demo", "build the embedded data, train each subsystem briefly, write runs/demo/report.md"),
 }
 

@@ -1,0 +1,23 @@
+"""``cmgen eval retrieval|generation ...``: each kind lives in its own module exposing
+``add_arguments(parser)`` and ``run(args) -> int``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+KINDS = {
+    "retrieval": ("evaluation.retrieval_cli", "R@K / MdR / MnR from a similarity matrix (texts x videos)"),
+    "generation": ("evaluation.generation_cli", "FID / KID / IS / R-precision from saved features"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for name, (module, help_text) in KINDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_eval_module=module)
+        importlib.import_module(module).add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(args._eval_module).run(args) or 0)
