@@ -1,0 +1,261 @@
+"""Video datasets read from the official benchmark files: UCF101/HMDB51 split lists and MSR-VTT.
+
+Items hold float clips ``(3, T, H, W)`` in ``[0, 1]`` (``(clips, 3, T, H, W)`` with several clips per
+video), so a DataLoader batch is the ``(B, 3, T, H, W)`` tensor 3D backbones and VideoMoCo take.
+``transform`` is applied to that float tensor (per clip).
+
+Unreadable videos (missing, truncated, corrupt, too short to index) never stop a run: ``__getitem__``
+warns once naming the file, counts it in ``dataset.skipped`` (paths in ``dataset.skipped_paths``) and
+returns the next readable item instead. The counters live in the process that reads: with
+``num_workers > 0`` each worker keeps its own, so read the counts in a ``num_workers=0`` pass (or the
+warnings) when they matter.
+"""
+from __future__ import annotations
+
+import abc
+import csv
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from .io import VideoReadError, dense_clips, num_frames, random_clip_indices, read_frames, uniform_indices
+
+__all__ = ["UCF101", "HMDB51", "MSRVTT", "read_class_ind", "read_split_file", "collate"]
+
+
+def read_class_ind(path: str | os.PathLike) -> list[str]:
+    """Class names from a ``classInd.txt`` (lines ``"1 ApplyEyeMakeup"``, 1-based); index i of the result
+    is class ``i + 1``. Raises ValueError on gaps, duplicates or malformed lines."""
+    entries: dict[int, str] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise ValueError(f"{path}:{n}: expected '<index> <ClassName>', got {line!r}")
+        index = int(parts[0])
+        if index in entries:
+            raise ValueError(f"{path}:{n}: class index {index} appears twice")
+        entries[index] = parts[1]
+    if sorted(entries) != list(range(1, len(entries) + 1)):
+        raise ValueError(f"{path}: class indices must be 1..{len(entries)}, got {sorted(entries)}")
+    return [entries[i] for i in range(1, len(entries) + 1)]
+
+
+def read_split_file(path: str | os.PathLike) -> list[tuple[str, int | None]]:
+    """``(relative video path, 1-based label or None)`` for every line of a UCF101-style split file:
+    ``"Class/v_x.avi 1"`` (trainlist) or ``"Class/v_x.avi"`` (testlist)."""
+    items = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].lstrip("-").isdigit()):
+            raise ValueError(f"{path}:{n}: expected '<Class/video> [label]', got {line!r}")
+        items.append((parts[0], int(parts[1]) if len(parts) == 2 else None))
+    return items
+
+
+class _SkippingVideoDataset(Dataset, abc.ABC):
+    """Base class: ``_load(i)`` builds item ``i`` or raises :class:`VideoReadError`; ``__getitem__``
+    falls back to the following items (cyclically) and counts each unreadable video once."""
+
+    def __init__(self) -> None:
+        self.skipped_paths: set[str] = set()
+        self._num_frames: dict[str, int] = {}  # per-video frame counts, so each file is counted once
+
+    @property
+    def skipped(self) -> int:
+        """Number of distinct unreadable videos met so far in this process."""
+        return len(self.skipped_paths)
+
+    @abc.abstractmethod
+    def _load(self, index: int) -> Any:
+        """Item ``index``; raises :class:`VideoReadError` when its video cannot be read."""
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items")
+        for k in range(n):
+            try:
+                return self._load((index + k) % n)
+            except VideoReadError as e:
+                if e.path not in self.skipped_paths:
+                    self.skipped_paths.add(e.path)
+                    warnings.warn(f"skipping unreadable video {e.path}: {e.reason}", RuntimeWarning, stacklevel=2)
+        raise RuntimeError(f"none of the {n} videos of {type(self).__name__} could be read; "
+                           f"e.g. {sorted(self.skipped_paths)[:3]}")
+
+    def _count(self, path: str) -> int:
+        if path not in self._num_frames:
+            self._num_frames[path] = num_frames(path, backend=self.backend)
+        return self._num_frames[path]
+
+    def _frames(self, path: str, indices: torch.Tensor) -> torch.Tensor:
+        """Decode ``(clips, T)`` indices once (union of frames) -> ``(clips, 3, T, H, W)`` float in [0, 1],
+        with ``transform`` applied per clip; ``(3, T, H, W)`` when there is one clip."""
+        unique, inverse = torch.unique(indices, return_inverse=True)
+        frames = read_frames(path, unique, size=self.size, timeout=self.timeout, backend=self.backend)
+        clips = frames[inverse].permute(0, 4, 1, 2, 3).float().div_(255.0)  # (clips, T, H, W, 3) -> (clips, 3, T, H, W)
+        if self.transform is not None:
+            clips = torch.stack([self.transform(c) for c in clips])
+        return clips[0] if clips.shape[0] == 1 else clips
+
+
+class UCF101(_SkippingVideoDataset):
+    """Action recognition clips from the official UCF101 split files (also HMDB51 in the same format).
+
+    Args:
+        root: video root that split-file paths are relative to (``UCF-101/``).
+        split_file: ``trainlist0X.txt`` (``"Class/v_x.avi 1"``) or ``testlist0X.txt`` (``"Class/v_x.avi"``).
+        class_ind: ``classInd.txt``. Labels are 0-based: the split file's label - 1 when given, else the
+            class of the path's folder (matched case-insensitively: real UCF101 writes ``HandStandPushups``
+            in file names under the ``HandstandPushups`` folder).
+        clip_len: frames per clip (T).
+        stride: step between sampled frames.
+        size: decoded frame size (``None`` native, ``s`` or ``(H, W)``).
+        clips_per_video: random clips per item when ``train``; evenly spaced clips otherwise
+            (10 at test time, as VideoMoCo's evaluation).
+        train: random clip positions (training) or deterministic dense clips (testing).
+        transform: callable on a float clip ``(3, T, H, W)``.
+        backend, timeout: passed to :func:`video.io.read_frames`.
+
+    Items: ``(clip, label)`` with clip ``(3, T, H, W)`` (or ``(clips_per_video, 3, T, H, W)``) float in
+    ``[0, 1]`` and label an int.
+    """
+
+    def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike, class_ind: str | os.PathLike,
+                 clip_len: int = 16, stride: int = 1, size: int | Sequence[int] | None = None,
+                 clips_per_video: int = 1, train: bool = True, transform: Callable | None = None,
+                 backend: str = "decord", timeout: float | None = 30.0):
+        super().__init__()
+        if clip_len < 1 or stride < 1 or clips_per_video < 1:
+            raise ValueError(f"clip_len, stride and clips_per_video must be >= 1, got {clip_len}, {stride}, "
+                             f"{clips_per_video}")
+        self.root = Path(root)
+        self.classes = read_class_ind(class_ind)
+        lookup = {c.lower(): i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        for rel, label in read_split_file(split_file):
+            if label is None:
+                folder = Path(rel).parts[0] if len(Path(rel).parts) > 1 else ""
+                if folder.lower() not in lookup:
+                    raise ValueError(f"{split_file}: {rel!r} has no label and its folder {folder!r} is not a "
+                                     f"class of {class_ind}")
+                label = lookup[folder.lower()] + 1
+            if not 1 <= label <= len(self.classes):
+                raise ValueError(f"{split_file}: label {label} of {rel!r} outside 1..{len(self.classes)}")
+            self.samples.append((rel, label - 1))
+        self.clip_len, self.stride, self.size = clip_len, stride, size
+        self.clips_per_video, self.train, self.transform = clips_per_video, train, transform
+        self.backend, self.timeout = backend, timeout
+
+    @property
+    def targets(self) -> list[int]:
+        """0-based label of every item."""
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _clip_indices(self, path: str) -> torch.Tensor:
+        """``(clips, T)`` frame indices for one video, by the train/test sampling rule."""
+        count = self._count(path)
+        if self.train:
+            return torch.stack([random_clip_indices(count, self.clip_len, self.stride)
+                                for _ in range(self.clips_per_video)])
+        return dense_clips(count, self.clip_len, self.clips_per_video, self.stride)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        rel, label = self.samples[index]
+        path = os.fspath(self.root / rel)
+        return self._frames(path, self._clip_indices(path)), label
+
+
+HMDB51 = UCF101  # HMDB51 split lists converted to the UCF101 format read the same way
+
+
+class MSRVTT(_SkippingVideoDataset):
+    """MSR-VTT video-text pairs: ``MSRVTT_data.json`` captions with the 9k train / JSFusion 1k-A test split.
+
+    Args:
+        root: folder holding ``MSRVTT_data.json``, ``MSRVTT_train.9k.csv``, ``MSRVTT_JSFUSION_test.csv``.
+        split: ``"train"``: one item per (video, caption) over ALL captions of the train-csv videos in
+            the JSON; ``"test"``: one item per JSFusion row, its single caption (1k-A protocol).
+        video_dir: folder of ``<video_id>.mp4`` files, relative to ``root`` (or absolute).
+        train_csv, test_csv, data_json: file names inside ``root`` (e.g. ``MSRVTT_train.7k.csv``).
+        clip_len: frames per clip, spread uniformly over the whole video (CLIP4Clip sampling).
+        size, transform, backend, timeout: as :class:`UCF101`.
+
+    Items: ``(clip (3, T, H, W) float in [0, 1], caption str, video index int)``; the video index points
+    into ``self.video_ids``, so ``self.text_to_video`` is the ground truth for
+    :func:`evaluation.retrieval.retrieval_metrics`.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", video_dir: str | os.PathLike = "videos/all",
+                 clip_len: int = 12, size: int | Sequence[int] | None = None, transform: Callable | None = None,
+                 train_csv: str = "MSRVTT_train.9k.csv", test_csv: str = "MSRVTT_JSFUSION_test.csv",
+                 data_json: str = "MSRVTT_data.json", backend: str = "decord", timeout: float | None = 30.0):
+        super().__init__()
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if clip_len < 1:
+            raise ValueError(f"clip_len must be >= 1, got {clip_len}")
+        self.root = Path(root)
+        self.video_dir = self.root / video_dir
+        self.split = split
+        pairs: list[tuple[str, str]] = []  # (video_id, caption)
+        if split == "train":
+            with open(self.root / train_csv, newline="") as f:
+                wanted = [row["video_id"] for row in csv.DictReader(f)]
+            with open(self.root / data_json) as f:
+                captions: dict[str, list[str]] = {}
+                for s in json.load(f)["sentences"]:
+                    captions.setdefault(s["video_id"], []).append(s["caption"])
+            missing = [v for v in wanted if v not in captions]
+            if missing:
+                raise ValueError(f"{data_json} has no captions for {len(missing)} train videos, e.g. {missing[:3]}")
+            pairs = [(v, c) for v in wanted for c in captions[v]]
+        else:
+            with open(self.root / test_csv, newline="") as f:
+                pairs = [(row["video_id"], row["sentence"]) for row in csv.DictReader(f)]
+        self.video_ids: list[str] = list(dict.fromkeys(v for v, _ in pairs))
+        position = {v: i for i, v in enumerate(self.video_ids)}
+        self.captions = [c for _, c in pairs]
+        self.text_to_video = [position[v] for v, _ in pairs]
+        self.clip_len, self.size, self.transform = clip_len, size, transform
+        self.backend, self.timeout = backend, timeout
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def video_path(self, video_index: int) -> str:
+        return os.fspath(self.video_dir / f"{self.video_ids[video_index]}.mp4")
+
+    def _load(self, index: int) -> tuple[torch.Tensor, str, int]:
+        v = self.text_to_video[index]
+        path = self.video_path(v)
+        indices = uniform_indices(self._count(path), self.clip_len)[None]
+        return self._frames(path, indices), self.captions[index], v
+
+
+def collate(batch: list[tuple]) -> tuple:
+    """Stack clips and ints, keep strings as a list: ``[(clip, label)]`` -> ``(clips (B, ...), labels (B,))``,
+    ``[(clip, caption, video)]`` -> ``(clips, [captions], videos (B,))``."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    fields = list(zip(*batch))
+    out = []
+    for field in fields:
+        if isinstance(field[0], str):
+            out.append(list(field))
+        else:
+            out.append(default_collate(list(field)))
+    return tuple(out)
