@@ -87,34 +87,40 @@ def _demo_data(out: Path, report: list[str], summary: dict) -> dict:
     shapes = write_shapes(out / "data" / "shapes", overwrite=True)
     digits = write_moving_digits(out / "data" / "moving_digits", overwrite=True)
 
-    coco = json.loads((Path(shapes["root"]) / "annotations" / "captions_train.json").read_text())
-    first = coco["images"][:24]
-    captions = {}
-    for ann in coco["annotations"]:
-        captions.setdefault(ann["image_id"], ann["caption"])
-    imgs = [np.asarray(Image.open(Path(shapes["root"]) / "train" / im["file_name"]).convert("RGB")) for im in first]
+    # read back through the same loaders real COCO / UCF101 data goes through
+    from text2image.data import CocoCaptions
+    from video.datasets import UCF101
+
+    coco = CocoCaptions(shapes["root"], "annotations/captions_train.json", "train", caption="first",
+                        value_range=(0, 1))
+    first = [coco[i] for i in range(24)]
+    imgs = [(item["image"].permute(1, 2, 0) * 255).round().byte().numpy() for item in first]
     _image_grid(imgs, cols=8).resize((8 * 66 * 2, 3 * 66 * 2), Image.NEAREST).save(out / "shapes.png")
 
-    import decord
+    ucf = Path(digits["root"]) / "ucf101"
+    clips = UCF101(ucf / "UCF-101", ucf / "ucfTrainTestlist" / "testlist01.txt",
+                   ucf / "ucfTrainTestlist" / "classInd.txt", clip_len=8, stride=2, train=False)
     labels = json.loads((Path(digits["root"]) / "labels.json").read_text())
-    rows, row_captions = [], []
-    for name in labels["classes"]:
-        v = next(v for v in labels["videos"] if v["class_name"] == name)
-        vr = decord.VideoReader(str(Path(digits["root"]) / "ucf101" / "UCF-101" / v["ucf101_path"]))
-        idx = np.linspace(0, len(vr) - 1, 8).round().astype(int).tolist()
-        rows.extend(list(vr.get_batch(idx).asnumpy()))
-        row_captions.append(f"{name}: {v['captions'][0]}")
+    caption_of = {v["ucf101_path"]: v["captions"][0] for v in labels["videos"]}
+    rows, row_captions, seen = [], [], set()
+    for i, (rel, label) in enumerate(clips.samples):
+        if label in seen:
+            continue
+        seen.add(label)
+        frames = clips[i][0]                                              # (3, T, H, W) in [0, 1]
+        rows.extend(list((frames.permute(1, 2, 3, 0) * 255).round().byte().numpy()))
+        row_captions.append(f"{clips.classes[label]}: {caption_of[rel]}")
     _image_grid(rows, cols=8).save(out / "moving_digits.png")
 
     report += [
         "## Embedded data", "",
         f"- **shapes** ({shapes['root']}): COCO-captions JSON + image folders, ImageFolder by shape class and "
-        "ground-truth attributes. First training images:", "",
+        "ground-truth attributes. First training images, read with `text2image.data.CocoCaptions`:", "",
         "![shapes](shapes.png)", "",
         "| image | caption |", "|---|---|",
-        *[f"| {im['file_name']} | {captions[im['id']]} |" for im in first[:4]], "",
+        *[f"| {item['file_name']} | {item['caption']} |" for item in first[:4]], "",
         f"- **moving-digits** ({digits['root']}): H.264 mp4 with UCF101 split files and MSR-VTT caption files. "
-        "One video per class, 8 of its frames per row, decoded with decord:", "",
+        "One test video per class, 8 frames (stride 2) per row, read with `video.datasets.UCF101` (decord):", "",
         "![moving digits](moving_digits.png)", "",
         "| row | caption |", "|---|---|",
         *[f"| {i + 1} | {c} |" for i, c in enumerate(row_captions)], "",
