@@ -53,16 +53,19 @@ class ToyConfig(ExperimentConfig):
 
 
 class SyntheticRegression(Dataset):
-    """``num_samples`` pairs ``x ~ N(0, I)``, ``y = tanh(x W1) W2`` from a fixed seed.
+    """``num_samples`` pairs ``x ~ N(0, I)``, ``y = tanh(x W1) W2``; the function (W1, W2) is fixed by
+    ``seed``, and ``held_out=True`` draws other inputs x of the same function (for evaluation).
 
     Returns ``{"x": (in_dim,), "y": (out_dim,)}``; ``aug_noise`` adds Gaussian noise to ``x`` from the
     global torch RNG, like a random augmentation.
     """
 
-    def __init__(self, num_samples: int, in_dim: int, out_dim: int, aug_noise: float = 0.0, seed: int = 0):
+    def __init__(self, num_samples: int, in_dim: int, out_dim: int, aug_noise: float = 0.0, seed: int = 0,
+                 held_out: bool = False):
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(num_samples, in_dim, generator=g)
         w1, w2 = torch.randn(in_dim, 16, generator=g), torch.randn(16, out_dim, generator=g) / 4
+        gx = torch.Generator().manual_seed(seed + 1) if held_out else g
+        self.x = torch.randn(num_samples, in_dim, generator=gx)
         self.y = torch.tanh(self.x @ w1) @ w2
         self.aug_noise = aug_noise
 
@@ -176,7 +179,7 @@ class ToyMethod(Method):
     @torch.no_grad()
     def evaluate(self, ctx: StepContext) -> dict[str, float]:
         m = self.cfg.model
-        data = SyntheticRegression(64, m.in_dim, m.out_dim, 0.0, self.cfg.data.seed + 1)
+        data = SyntheticRegression(64, m.in_dim, m.out_dim, 0.0, self.cfg.data.seed, held_out=True)
         x, y = data.x.to(ctx.device), data.y.to(ctx.device)
         pred = ctx.unwrap("head")(ctx.unwrap("enc")(x))
         return {"val_mse": float(F.mse_loss(pred, y))}
