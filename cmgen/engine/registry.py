@@ -14,6 +14,8 @@ __all__ = ["METHODS", "register_method", "resolve_method", "load_config"]
 
 METHODS: dict[str, str] = {
     "toy": "cmgen.engine.toy:ToyMethod",
+    "contragan": "text2image.contragan:ContraGANMethod",
+    "videomoco": "video.videomoco:VideoMoCoMethod",
 }
 
 

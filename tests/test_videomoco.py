@@ -1,0 +1,243 @@
+"""VideoMoCo: frame-dropping generator, MoCo discriminator with temporal decay, engine method and resume."""
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+
+import pytest
+import torch
+
+from cmgen.engine import list_checkpoints, load_config, train
+from tests.test_engine import ROOT, assert_same, checkpoint_contents
+from video.backbones import TinyVideoCNN, build_backbone
+from video.videomoco import ClipAugment, FrameDropGenerator, VideoMoCo, VideoMoCoConfig, VideoMoCoMethod
+
+CONFIG = str(ROOT / "configs" / "videomoco" / "moving_digits.yaml")
+QUIET = ["train.progress_bar=false", "train.trackers=[]", "train.sample_every=0", "train.eval_every=0"]
+
+
+def clips(b=2, t=8, s=16, seed=0):
+    return torch.rand(b, 3, t, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# generator
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("t, k", [(8, 2), (16, 4), (10, 2), (32, 8)])
+def test_generator_drops_floor_quarter_of_frames_to_their_mean(t, k):
+    torch.manual_seed(0)
+    g = FrameDropGenerator(width=4, hidden=8)
+    x = clips(3, t, 12)
+    x_fake, dropped = g(x)
+    assert x_fake.shape == x.shape and dropped.shape == (3, t) and dropped.dtype == torch.bool
+    assert (dropped.sum(1) == k).all()
+    logits = g.logits(x)
+    for i in range(3):
+        # the dropped frames are the k lowest-scoring ones
+        kept_min = logits[i][~dropped[i]].min()
+        assert (logits[i][dropped[i]] <= kept_min).all()
+        for j in range(t):
+            if dropped[i, j]:
+                assert torch.allclose(x_fake[i, :, j], torch.full_like(x_fake[i, :, j], float(x[i, :, j].mean())),
+                                      atol=0, rtol=1e-6)
+            else:
+                assert torch.equal(x_fake[i, :, j], x[i, :, j])
+    torch.testing.assert_close(g.scores(x).sum(1), torch.ones(3))
+
+
+def test_generator_straight_through_gradient_reaches_every_parameter():
+    torch.manual_seed(0)
+    g = FrameDropGenerator(width=4, hidden=8)
+    x_fake, _ = g(clips(2, 8, 12))
+    (x_fake * torch.randn_like(x_fake)).sum().backward()
+    for name, p in g.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_generator_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="drops 0 of T=3"):
+        FrameDropGenerator(4, 8)(clips(1, 3, 8))
+    with pytest.raises(ValueError, match="drop_ratio"):
+        FrameDropGenerator(4, 8, drop_ratio=1.0)
+    with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
+        FrameDropGenerator(4, 8)(torch.rand(2, 8, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# backbones and augmentation
+# ---------------------------------------------------------------------------------------------------
+def test_backbones_shapes_and_local_weights(tmp_path):
+    assert TinyVideoCNN(dim=5, width=2)(clips(2, 4, 8)).shape == (2, 5)
+    net = build_backbone("r3d_18", dim=7).eval()
+    assert net(clips(1, 4, 16)).shape == (1, 7)
+    path = tmp_path / "w.pt"
+    torch.save(net.net.state_dict(), path)
+    loaded = build_backbone("r3d_18", dim=7, weights_path=path)
+    assert torch.equal(loaded.net.layer1[0].conv1[0].weight, net.net.layer1[0].conv1[0].weight)
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        build_backbone("resnet50")
+
+
+def test_clip_augment_keeps_one_crop_for_all_frames():
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 20, 20).repeat(1, 5, 1, 1)         # identical frames stay identical
+    y = ClipAugment(12)(x)
+    assert y.shape == (3, 5, 12, 12) and all(torch.equal(y[:, 0], y[:, j]) for j in range(5))
+
+
+# ---------------------------------------------------------------------------------------------------
+# discriminator loss against a float64 loop
+# ---------------------------------------------------------------------------------------------------
+def reference_loss(q, k, negatives, weights, T, mode):
+    q, k, negatives, weights = (v.detach().double() for v in (q, k, negatives, weights))
+    total = 0.0
+    for i in range(q.shape[0]):
+        pos = math.exp(float(q[i] @ k[i]) / T)
+        neg = 0.0
+        for j in range(negatives.shape[0]):
+            if mode == "logit":   # official code: l_neg = q . (t^age n_j)
+                neg += math.exp(float(q[i] @ (weights[j] * negatives[j])) / T)
+            else:                 # paper Eq. 6: t^age exp(q . n_j / T)
+                neg += float(weights[j]) * math.exp(float(q[i] @ negatives[j]) / T)
+        total += -math.log(pos / (pos + neg))
+    return total / q.shape[0]
+
+
+@pytest.mark.parametrize("mode", ["logit", "exp"])
+def test_d_loss_equals_hand_infonce_with_decayed_queue(mode):
+    torch.manual_seed(0)
+    d = VideoMoCo(TinyVideoCNN(dim=6, width=2), dim=6, K=10, m=0.9, T=0.2, temporal_decay=0.8,
+                  negative_weight_mode=mode)
+    for _ in range(4):                                        # ages 1..4 and never-written slots at 4
+        d.queue.enqueue(torch.nn.functional.normalize(torch.randn(2, 6), dim=1))
+    negatives, weights = d.queue.snapshot()
+    assert sorted(d.queue.ages.tolist()) == [1, 1, 2, 2, 3, 3, 4, 4, 4, 4]
+    torch.testing.assert_close(weights, 0.8 ** d.queue.ages.float())
+    x_q, x_k = clips(3, 4, 8, 1), clips(3, 4, 8, 2)
+    q, k = d(x_q), d.key(x_k)
+    torch.testing.assert_close(q.norm(dim=1), torch.ones(3))
+    loss = d.loss(q, k, negatives, weights)
+    assert loss.item() == pytest.approx(reference_loss(q, k, negatives, weights, 0.2, mode), rel=1e-5)
+    loss.backward()
+    assert d.encoder_q.fc.weight.grad is not None and d.encoder_k.fc.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the method's step, with a minimal step context
+# ---------------------------------------------------------------------------------------------------
+class PlainCtx:
+    """The part of :class:`cmgen.engine.StepContext` a train_step uses, for one process, no Accelerate."""
+
+    def __init__(self, models, optimizers):
+        self.models, self.optimizers = models, optimizers
+
+    def unwrap(self, name):
+        return self.models[name]
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self, name):
+        self.optimizers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def frozen(self, *names):
+        params = [p for n in names for p in self.models[n].parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+
+def tiny_method(*overrides):
+    cfg = load_config(CONFIG, ["model.K=16", "model.dim=8", "model.backbone_width=2", "model.g_width=2",
+                               "model.g_hidden=4", "model.m=0.9", *overrides])
+    method = VideoMoCoMethod(cfg)
+    torch.manual_seed(0)
+    models = method.build_models(cfg)
+    return method, models, PlainCtx(models, method.build_optimizers(cfg, models))
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("objective", ["l1", "maximize_d"])
+def test_step_updates_momentum_encoder_queue_and_generator(objective):
+    method, models, ctx = tiny_method("model.adversarial_start_step=1", f"model.g_objective={objective}")
+    d, g = models["d"], models["g"]
+    assert isinstance(method.cfg, VideoMoCoConfig) and method.g_weight == (100.0 if objective == "l1" else 1.0)
+    batch = lambda s: {"q": clips(4, 8, 16, s), "k": clips(4, 8, 16, s + 10)}
+    q0, g0 = params(d.encoder_q), params(g)
+
+    out = method.train_step(batch(0), 0, ctx)                 # MoCo-only warm-up step: G idle
+    assert out["loss_g"].item() == 0.0 and all(torch.equal(a, b) for a, b in zip(g0, params(g)))
+    # theta_k = m theta_k + (1 - m) theta_q with theta_k = theta_q at init: still the initial weights
+    for a, b in zip(q0, params(d.encoder_k)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(q0, params(d.encoder_q)))
+    assert int(d.queue.ptr) == 4 and int(d.queue.num_filled) == 4
+    assert d.queue.ages.tolist() == [1] * 16    # never-written slots age from construction too
+
+    k1, q1 = params(d.encoder_k), params(d.encoder_q)
+    out = method.train_step(batch(1), 1, ctx)                 # adversarial step
+    assert torch.isfinite(out["loss_d"]) and out["loss_g"].item() < 0
+    for kk, qq, now in zip(k1, q1, params(d.encoder_k)):
+        torch.testing.assert_close(now, 0.9 * kk + 0.1 * qq, rtol=0, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(params(d.encoder_k), params(d.encoder_q)))
+    assert any(not torch.equal(a, b) for a, b in zip(g0, params(g)))
+    assert int(d.queue.ptr) == 8 and d.queue.ages.tolist() == [2] * 4 + [1] * 4 + [2] * 8
+    assert all(p.grad is None for p in d.parameters())        # G's step left no gradient in D
+
+
+# ---------------------------------------------------------------------------------------------------
+# the engine: exact resume, queue state in the checkpoint, outputs
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from cmgen.data import write_moving_digits
+    root = tmp_path_factory.mktemp("md")
+    write_moving_digits(root, num_videos=32, num_frames=16, size=32, digit_size=16, speed=1, clips_per_group=2,
+                        progress=False)
+    return root
+
+
+def engine_cfg(tmp_path, data_root, name, *overrides):
+    return load_config(CONFIG, [f"run.output_dir={tmp_path}", f"run.name={name}", f"data.root={data_root}", *QUIET,
+                                "train.batch_size=4", "model.K=12", "model.adversarial_start_step=1",
+                                "train.checkpoint_every=2", "train.keep_last=null", "train.log_every=1",
+                                "data.eval_clips=8", *overrides])
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_and_restores_queue_ages(tmp_path, data_root):
+    full = train(engine_cfg(tmp_path, data_root, "full", "train.max_steps=4"))
+    assert [s for s, _ in list_checkpoints(tmp_path / "full" / "checkpoints")] == [2, 4]
+
+    # 2 steps of 4 keys into a queue of 12: pointer 8, ages 1 (step 2), 2 (step 1), 2 (never written)
+    state = torch.load(tmp_path / "full" / "checkpoints" / "step_000002" / "pytorch_model_1.bin", map_location="cpu",
+                       weights_only=True)
+    assert int(state["queue.ptr"]) == 8 and state["queue.ages"].tolist() == [2] * 4 + [1] * 4 + [2] * 4
+
+    # the same run, cut after its step-2 checkpoint, then resumed
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_000004")
+    resumed = train(engine_cfg(tmp_path, data_root, "cut", "train.max_steps=4", "resume=latest"))
+    assert resumed.step == 4
+    assert_same(checkpoint_contents(full.checkpoint), checkpoint_contents(resumed.checkpoint))
+    d = torch.load(full.checkpoint / "pytorch_model_1.bin", map_location="cpu", weights_only=True)
+    assert int(d["queue.ptr"]) == 4 and d["queue.ages"].tolist() == [1] * 4 + [3] * 4 + [2] * 4
+
+
+@pytest.mark.slow
+def test_engine_run_writes_eval_and_dropped_frame_samples(tmp_path, data_root):
+    result = train(engine_cfg(tmp_path, data_root, "out", "train.max_steps=2", "train.sample_every=2",
+                              "train.eval_every=2", "model.g_objective=maximize_d",
+                              "model.negative_weight_mode=exp"))
+    assert 0.0 <= result.metrics["eval/knn_top1"] <= 100.0
+    assert (result.run_dir / "samples" / "step_000002.png").stat().st_size > 0

@@ -1,0 +1,403 @@
+"""VideoMoCo (Pan et al., CVPR 2021): adversarial temporal dropout + MoCo with temporal decay.
+
+A generator G scores every frame of a clip and drops the lowest-scoring 25% (each replaced by its own
+mean, a grey frame, so the clip keeps its length). The discriminator D is MoCo (He et al., CVPR 2020):
+the dropped clip G(x_q) is the query, the intact clip's other augmentation x_k goes through the
+momentum key encoder, and the queue's negatives are weighted by temporal decay t^age.
+
+Losses (D is updated first, then G through a frozen D):
+
+- D: InfoNCE (paper Eq. 4/6) ``L_D = -log exp(q.k/T) / (exp(q.k/T) + sum_j w_j(q, n_j))``, q = D(G(x_q)),
+  with ``w_j`` the temporal-decay term. ``negative_weight_mode="logit"`` (default, official code,
+  ``l_neg = q . (t^age n_j)``) reproduces the published numbers; ``"exp"`` is the paper's Eq. 6
+  (``t^age exp(q . n_j / T)``, issue #12 of the official repository).
+- G: ``g_objective="l1"`` (default, official ``train.py``): ``L_G = -lambda * L1(q_fake, q_real)`` with
+  ``lambda = 100``, q_real = D(x_q): G pushes the dropped clip's embedding away from the intact one's.
+  ``g_objective="maximize_d"`` (paper, Eq. 3 ``max_G min_D``): ``L_G = -lambda * L_D(G(x_q))``.
+- ``adversarial_start_step``: plain MoCo (query = intact clip, G idle) before it, as the recipe's
+  MoCo-only first half; joint training from it on.
+
+Where this differs from the official code:
+
+- The official G (``moco/builder.py::Generator_Mask``) stacks 32 frames of 112 px into channels
+  (2D convs + ASPP + BiLSTM) and only works at 32 x 112. :class:`FrameDropGenerator` keeps the idea
+  at any size: a shared per-frame 2D CNN, a BiLSTM over time, one logit per frame, softmax over frames
+  (the official ``fc`` ends in ``Softmax``).
+- The official ``topk`` has no gradient path to G's scores, so its G never learns from ``loss_g``.
+  Here the drop mask is straight-through: forward uses the hard bottom-k mask, backward the gradient of
+  the soft mask ``k * softmax(-logits)`` (see :meth:`FrameDropGenerator.forward`).
+- The queue's ages live in a buffer and are saved in checkpoints (the official ``count`` is not).
+- The official loop updates G before D in each iteration; here D is updated first (the engine's GAN
+  order); with ``g_objective="l1"`` both use the same batch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.data import Dataset
+
+from cmgen.config import ExperimentConfig, OptimConfig
+from cmgen.distributed import barrier, batch_shuffle, batch_unshuffle, gather_no_grad, rank
+from cmgen.engine.method import Method, StepContext
+from cmgen.engine.schedules import build_optimizer
+from cmgen.losses import InfoNCE, MoCoQueue, momentum_update
+
+from .backbones import build_backbone
+from .datasets import UCF101
+
+__all__ = ["FrameDropGenerator", "VideoMoCo", "ClipAugment", "TwoViewClips", "VideoMoCoModelConfig",
+           "VideoMoCoDataConfig", "VideoMoCoConfig", "VideoMoCoMethod"]
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------
+class FrameDropGenerator(nn.Module):
+    """G: one score per frame; the ``floor(drop_ratio * T)`` lowest-scoring frames become grey frames.
+
+    Per-frame features (two stride-2 conv-BN-ReLU, global pool) -> BiLSTM over time -> Linear -> one
+    logit per frame; ``scores = softmax(logits)`` over frames as the official generator's ``Softmax``.
+
+    Args:
+        width: channels of the per-frame CNN (``width``, ``2 * width``).
+        hidden: BiLSTM output size (``hidden // 2`` per direction, as the official ``hidden_dim // 2``).
+        drop_ratio: share of frames dropped, k = floor(drop_ratio * T) (official: 8 of 32); k must be in
+            [1, T - 1].
+    """
+
+    def __init__(self, width: int = 16, hidden: int = 32, drop_ratio: float = 0.25):
+        super().__init__()
+        if width < 1 or hidden < 2 or hidden % 2:
+            raise ValueError(f"width must be >= 1 and hidden even >= 2, got width={width}, hidden={hidden}")
+        if not 0.0 < drop_ratio < 1.0:
+            raise ValueError(f"drop_ratio must be in (0, 1), got {drop_ratio}")
+        self.drop_ratio = float(drop_ratio)
+        self.frame_net = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.rnn = nn.LSTM(2 * width, hidden // 2, bidirectional=True, batch_first=True)
+        self.fc = nn.Linear(hidden, 1)
+
+    def num_dropped(self, t: int) -> int:
+        """k = floor(drop_ratio * T): 8 of 32 and 4 of 16 frames at 25%."""
+        k = math.floor(self.drop_ratio * t)
+        if not 1 <= k < t:
+            raise ValueError(f"drop_ratio={self.drop_ratio} drops {k} of T={t} frames; need 1 <= k < T")
+        return k
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, T, H, W) -> (B, T)`` per-frame logits."""
+        if x.dim() != 5 or x.shape[1] != 3:
+            raise ValueError(f"expected clips (B, 3, T, H, W), got shape {tuple(x.shape)}")
+        b = x.shape[0]
+        feats = self.frame_net(rearrange(x, "b c t h w -> (b t) c h w"))
+        seq, _ = self.rnn(rearrange(feats, "(b t) d -> b t d", b=b))   # (B, T, hidden)
+        return self.fc(seq).squeeze(-1)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` frame scores, softmax over frames (official ``fc`` + ``Softmax``)."""
+        return self.logits(x).softmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the k lowest-scoring frames of each clip.
+
+        Returns ``(x_fake (B, 3, T, H, W), dropped (B, T) bool)``. A dropped frame is replaced by the
+        mean over its C, H, W (official ``im_q_fake[i, :, j] = mean(im_q_fake[i, :, j])``).
+        Straight-through gradient: with hard mask h (1 = dropped) and soft mask s = k * softmax(-logits)
+        (sums to k like h, large for low scores), ``x_fake = where(h, mean, x) + (s - sg(s)) * (mean - x)``
+        equals the hard drop exactly in the forward pass and has the gradient of
+        ``x + s * (mean - x)`` with respect to the logits.
+        """
+        logits = self.logits(x)
+        k = self.num_dropped(x.shape[2])
+        idx = logits.topk(k, dim=1, largest=False).indices
+        dropped = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
+        soft = k * torch.softmax(-logits, dim=1)
+        st = (soft - soft.detach())[:, None, :, None, None]
+        mean = x.mean(dim=(1, 3, 4), keepdim=True)                    # (B, 1, T, 1, 1) grey level per frame
+        x_fake = torch.where(dropped[:, None, :, None, None], mean.expand_as(x), x) + st * (mean - x)
+        return x_fake, dropped
+
+
+class VideoMoCo(nn.Module):
+    """D: MoCo query encoder, momentum key encoder, queue of K keys with temporal decay, InfoNCE.
+
+    Args:
+        encoder: the query encoder ``(B, 3, T, H, W) -> (B, dim)``; the key encoder is a frozen copy.
+        dim: embedding size (128).
+        K: queue size (65536).
+        m: key-encoder momentum (0.999), MoCo Eq. 2.
+        T: softmax temperature (0.07).
+        temporal_decay: t (0.99999); a key enqueued a enqueues ago has weight t^a, so the oldest key of a
+            full queue has t^(K / global batch). None = plain MoCo (unit weights).
+        negative_weight_mode: ``"logit"`` (official code, default) or ``"exp"`` (paper Eq. 6).
+
+    Distributed helpers (shuffle-BN, gathering keys) stay with the caller (:class:`VideoMoCoMethod`).
+    """
+
+    def __init__(self, encoder: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.07,
+                 temporal_decay: float | None = 0.99999, negative_weight_mode: str = "logit"):
+        super().__init__()
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"momentum m must be in [0, 1], got {m}")
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q = encoder
+        self.encoder_k = copy.deepcopy(encoder)          # initialised as the query encoder (MoCo)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        self.queue = MoCoQueue(dim, K, temporal_decay)
+        self.criterion = InfoNCE(T, negative_weight_mode=negative_weight_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised queries ``(B, 3, T, H, W) -> (B, dim)``."""
+        return F.normalize(self.encoder_q(x), dim=1)
+
+    @torch.no_grad()
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised keys from the momentum encoder, no gradient: ``(B, 3, T, H, W) -> (B, dim)``."""
+        return F.normalize(self.encoder_k(x), dim=1)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q (MoCo Eq. 2; BN buffers untouched, as MoCo)."""
+        momentum_update(self.encoder_q, self.encoder_k, self.m)
+
+    def loss(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """InfoNCE with logits ``Nx(1+K)`` = [q.k, q.(w_j n_j) or q.n_j + log w_j] / T, target 0.
+
+        ``negatives (K, dim), weights (K,)`` come from ``self.queue.snapshot()`` taken before the
+        step's enqueue.
+        """
+        return self.criterion(q, k, negatives=negatives, negative_weights=weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# data: two augmentations of one clip
+# --------------------------------------------------------------------------------------------------
+class ClipAugment:
+    """Random resized crop (one box for all frames; scale ``(0.2, 1)`` as the official
+    ``RandomResizedCropVideo``) to ``size``, then brightness jitter ``x * U(1 - b, 1 + b)`` with
+    probability 0.8. No horizontal flip: on moving-digits it would swap left/right motion classes.
+
+    Shape: ``(3, T, H, W) -> (3, T, size, size)``, values clamped to [0, 1]. Draws from torch's global
+    RNG (seeded per batch by the engine's loader).
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0), brightness: float = 0.4):
+        if size < 1 or not 0.0 < scale[0] <= scale[1] <= 1.0 or not 0.0 <= brightness < 1.0:
+            raise ValueError(f"need size >= 1, 0 < scale[0] <= scale[1] <= 1, 0 <= brightness < 1; "
+                             f"got size={size}, scale={scale}, brightness={brightness}")
+        self.size, self.scale, self.brightness = int(size), tuple(scale), float(brightness)
+
+    def __call__(self, clip: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms.functional import resized_crop
+        frames = clip.transpose(0, 1)                                   # (T, 3, H, W)
+        top, left, h, w = RandomResizedCrop.get_params(frames, list(self.scale), [3 / 4, 4 / 3])
+        out = resized_crop(frames, top, left, h, w, [self.size, self.size], antialias=True)
+        if self.brightness and torch.rand(()) < 0.8:
+            out = out * torch.empty(()).uniform_(1 - self.brightness, 1 + self.brightness)
+        return out.clamp_(0, 1).transpose(0, 1).contiguous()
+
+
+class TwoViewClips(Dataset):
+    """``{"q": view 1, "k": view 2, "label": int}`` of one random clip per video (two augmentations of
+    the same clip, as the official ``video[0], video[1]``); views ``(3, T, size, size)``."""
+
+    def __init__(self, clips: Dataset, augment: ClipAugment):
+        self.clips, self.augment = clips, augment
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        clip, label = self.clips[i]
+        return {"q": self.augment(clip), "k": self.augment(clip), "label": label}
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class VideoMoCoModelConfig:
+    backbone: Literal["tiny", "r3d_18", "r2plus1d_18"] = "r2plus1d_18"
+    backbone_width: int = 16              # tiny backbone only
+    weights_path: Optional[str] = None    # local torchvision state dict for r3d_18 / r2plus1d_18
+    mlp: bool = False
+    dim: int = 128
+    K: int = 65536
+    m: float = 0.999
+    T: float = 0.07
+    temporal_decay: Optional[float] = 0.99999
+    negative_weight_mode: Literal["logit", "exp"] = "logit"   # logit: official code; exp: paper Eq. 6
+    drop_ratio: float = 0.25
+    g_width: int = 16
+    g_hidden: int = 128                   # official BiLSTM hidden_dim
+    g_objective: Literal["l1", "maximize_d"] = "l1"           # l1: official code; maximize_d: paper
+    g_loss_weight: Optional[float] = None  # None: 100 for l1 (official), 1 for maximize_d
+    adversarial_start_step: int = 0        # plain MoCo before this step (recipe: first 100 epochs)
+
+
+@dataclass
+class VideoMoCoDataConfig:
+    root: str = "data/moving_digits"       # moving-digits root; written here when missing
+    clip_len: int = 16
+    stride: int = 1
+    size: int = 32                         # decoded frame size and crop size
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    brightness: float = 0.4
+    eval_clips: int = 64                   # train/test videos embedded by evaluate (kNN), each split
+    # generation of the embedded data when ``root`` does not exist (cmgen.data.write_moving_digits)
+    num_videos: int = 64
+    num_frames: int = 16
+    frame_size: int = 32
+    digit_size: int = 16
+    speed: int = 1
+    clips_per_group: int = 2
+    seed: int = 0
+
+
+@dataclass
+class VideoMoCoConfig(ExperimentConfig):
+    method: str = "videomoco"
+    model: VideoMoCoModelConfig = field(default_factory=VideoMoCoModelConfig)
+    data: VideoMoCoDataConfig = field(default_factory=VideoMoCoDataConfig)
+    optim_g: Optional[OptimConfig] = None  # G's optimizer; None = same settings as ``optim``
+
+
+# --------------------------------------------------------------------------------------------------
+# the engine method
+# --------------------------------------------------------------------------------------------------
+class VideoMoCoMethod(Method):
+    """Models ``{"g": FrameDropGenerator, "d": VideoMoCo}``, one optimizer each; D step then G step."""
+
+    config_class = VideoMoCoConfig
+
+    def __init__(self, cfg: VideoMoCoConfig):
+        super().__init__(cfg)
+        m = cfg.model
+        if m.adversarial_start_step < 0:
+            raise ValueError(f"model.adversarial_start_step must be >= 0, got {m.adversarial_start_step}")
+        self.g_weight = m.g_loss_weight if m.g_loss_weight is not None else (100.0 if m.g_objective == "l1" else 1.0)
+        self._eval_cache: dict | None = None
+
+    def build_models(self, cfg: VideoMoCoConfig) -> dict[str, nn.Module]:
+        m = cfg.model
+        encoder = build_backbone(m.backbone, m.dim, m.backbone_width, m.mlp, m.weights_path)
+        return {"g": FrameDropGenerator(m.g_width, m.g_hidden, m.drop_ratio),
+                "d": VideoMoCo(encoder, m.dim, m.K, m.m, m.T, m.temporal_decay, m.negative_weight_mode)}
+
+    def build_optimizers(self, cfg: VideoMoCoConfig, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+        trainable = {n: [p for p in models[n].parameters() if p.requires_grad] for n in ("g", "d")}
+        return {"g": build_optimizer(cfg.optim_g or cfg.optim, trainable["g"]),
+                "d": build_optimizer(cfg.optim, trainable["d"])}
+
+    def _ucf(self, split: str, train: bool) -> UCF101:
+        d = self.cfg.data
+        root = Path(d.root) / "ucf101"
+        return UCF101(root / "UCF-101", root / "ucfTrainTestlist" / f"{split}list01.txt",
+                      root / "ucfTrainTestlist" / "classInd.txt", clip_len=d.clip_len, stride=d.stride,
+                      size=d.size, train=train)
+
+    def build_dataset(self, cfg: VideoMoCoConfig) -> Dataset:
+        d = cfg.data
+        if rank() == 0 and not (Path(d.root) / "ucf101" / "ucfTrainTestlist" / "classInd.txt").is_file():
+            from cmgen.data import write_moving_digits
+            write_moving_digits(d.root, num_videos=d.num_videos, num_frames=d.num_frames, size=d.frame_size,
+                                digit_size=d.digit_size, speed=d.speed, clips_per_group=d.clips_per_group,
+                                seed=d.seed, progress=False)
+        barrier()
+        return TwoViewClips(self._ucf("train", train=True), ClipAugment(d.size, d.crop_scale, d.brightness))
+
+    def train_step(self, batch, step: int, ctx: StepContext) -> dict[str, torch.Tensor]:
+        m = self.cfg.model
+        g, d = ctx.models["g"], ctx.models["d"]
+        moco = ctx.unwrap("d")
+        im_q, im_k = batch["q"], batch["k"]                            # (B, 3, T, H, W) each
+        adversarial = step >= m.adversarial_start_step
+
+        # Keys (MoCo Alg. 1): momentum update, then the key encoder on a batch shuffled across ranks,
+        # so BN statistics cannot give the positive pair away (shuffle-BN).
+        with torch.no_grad():
+            moco.momentum_update()
+            shuffled, idx_unshuffle = batch_shuffle(im_k)
+            k = batch_unshuffle(moco.key(shuffled), idx_unshuffle)   # (B, dim)
+        negatives, weights = moco.queue.snapshot()                    # (K, dim), (K,) before this step's enqueue
+
+        # 1) D: the dropped clip is the query; no gradient into G here.
+        if adversarial:
+            x_fake, _ = g(im_q)
+            q = d(x_fake.detach())
+        else:
+            q = d(im_q)                                               # MoCo-only warm-up
+        loss_d = moco.loss(q, k, negatives, weights)
+        ctx.backward(loss_d)
+        ctx.step("d")
+
+        # 2) G through the frozen (just updated) D.
+        if adversarial:
+            with ctx.frozen("d"):
+                q_fake = moco(x_fake)
+                if m.g_objective == "l1":
+                    with torch.no_grad():
+                        q_real = moco(im_q)
+                    loss_g = -self.g_weight * F.l1_loss(q_fake, q_real)
+                elif m.g_objective == "maximize_d":
+                    loss_g = -self.g_weight * moco.loss(q_fake, k, negatives, weights)
+                else:
+                    raise ValueError(f"model.g_objective must be 'l1' or 'maximize_d', got {m.g_objective!r}")
+            ctx.backward(loss_g)
+            ctx.step("g")
+        else:
+            loss_g = torch.zeros((), device=loss_d.device)           # G idle during the warm-up
+
+        moco.queue.enqueue(gather_no_grad(k))
+        return {"loss_d": loss_d, "loss_g": loss_g}
+
+    # ----------------------------------------------------------------------------------------------
+    def _eval_clips(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """First ``eval_clips`` train and test videos, one centred clip each (decoded once, cached)."""
+        if self._eval_cache is None:
+            cache = {}
+            for split in ("train", "test"):
+                data = self._ucf(split, train=False)
+                n = min(self.cfg.data.eval_clips, len(data))
+                items = [data[i] for i in range(n)]
+                cache[split] = torch.stack([c for c, _ in items])
+                cache[split + "_labels"] = torch.tensor([y for _, y in items])
+            self._eval_cache = cache
+        return {k: v.to(device) for k, v in self._eval_cache.items()}
+
+    @torch.no_grad()
+    def evaluate(self, ctx: StepContext) -> dict[str, float]:
+        """1-NN accuracy (cosine, query-encoder pooled features) of test clips against train clips, and
+        the share of frames G drops in the test clips (0.25 by construction, a sanity value)."""
+        clips = self._eval_clips(ctx.device)
+        enc = ctx.unwrap("d").encoder_q
+        was_training = enc.training
+        enc.eval()
+        feats = {s: F.normalize(enc.forward_features(clips[s]), dim=1) for s in ("train", "test")}
+        enc.train(was_training)
+        nearest = (feats["test"] @ feats["train"].T).argmax(dim=1)
+        acc = (clips["train_labels"][nearest] == clips["test_labels"]).float().mean()
+        return {"knn_top1": float(acc) * 100.0}
+
+    @torch.no_grad()
+    def sample(self, ctx: StepContext) -> torch.Tensor:
+        """Frames of two test clips after G's frame dropping: ``(2 * T, 3, H, W)``, one clip per row."""
+        clips = self._eval_clips(ctx.device)["test"][:2]
+        g = ctx.unwrap("g")
+        was_training = g.training
+        g.eval()
+        x_fake, _ = g(clips)
+        g.train(was_training)
+        return rearrange(x_fake, "b c t h w -> (b t) c h w")
