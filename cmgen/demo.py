@@ -7,11 +7,12 @@ and tables:
    as PNG grids read back with the same decoders real data uses (PIL, decord);
 2. the loss benchmark (``bench/losses.py --quick``: cmgen's NT-Xent against lightly and
    pytorch-metric-learning, where those are installed);
-3. the training engine on its test method (``configs/toy/synthetic.yaml``): checkpoints, EMA, sample
-   grids, metrics.
+3. the training engine on its test method (``configs/toy/synthetic.yaml``), then each method that
+   exists on its embedded dataset (VideoMoCo on moving digits, ContraGAN on shapes): loss curves,
+   sample grids, metrics, checkpoints.
 
-The method subsystems (VideoMoCo, ContraGAN, ContraD, XMC-GAN, support-set retrieval) are added to
-this list as they land; until then the report says they are not part of the demo yet.
+The other method subsystems (ContraD, XMC-GAN, support-set retrieval) are added as they land; until
+then the report says they are not part of the demo yet.
 """
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ import torch
 from PIL import Image, ImageDraw
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-NOT_YET = ("VideoMoCo", "ContraGAN", "ContraD", "XMC-GAN", "support-set retrieval")
+NOT_YET = ("ContraD", "XMC-GAN", "support-set retrieval")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="where the report, data and runs go")
-    parser.add_argument("--steps", type=int, default=200, help="training steps of the engine demo")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of the engine's test method")
+    parser.add_argument("--video-steps", type=int, default=150, help="training steps of VideoMoCo")
+    parser.add_argument("--gan-steps", type=int, default=300, help="training steps of ContraGAN")
     parser.add_argument("--skip-bench", action="store_true", help="leave out the loss benchmark")
 
 
@@ -54,29 +57,29 @@ def _image_grid(images: list[np.ndarray], cols: int, pad: int = 2) -> Image.Imag
     return canvas
 
 
-def _line_plot(series: dict[str, list[tuple[int, float]]], size=(480, 240)) -> Image.Image:
-    """A small loss-curve PNG (log y axis) drawn with PIL, so the demo needs no plotting library."""
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-    img = Image.new("RGB", size, "white")
+def _line_plot(series: dict[str, list[tuple[int, float]]], width: int = 480, panel: int = 90) -> Image.Image:
+    """Loss curves as small multiples (one panel per term, linear axis with its own range), drawn with PIL
+    so the demo needs no plotting library; terms of different scale and sign stay readable."""
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    img = Image.new("RGB", (width, max(1, len(series)) * panel), "white")
     draw = ImageDraw.Draw(img)
-    left, top, right, bottom = 40, 10, size[0] - 10, size[1] - 25
-    points = [(s, v) for pts in series.values() for s, v in pts if v > 0]
-    if not points:
-        return img
-    s_max = max(s for s, _ in points) or 1
-    lo, hi = np.log10(min(v for _, v in points)), np.log10(max(v for _, v in points))
-    hi = hi if hi > lo else lo + 1
-    draw.rectangle((left, top, right, bottom), outline="black")
-    draw.text((2, top), f"{10 ** hi:.2g}", fill="black")
-    draw.text((2, bottom - 10), f"{10 ** lo:.2g}", fill="black")
-    draw.text((right - 60, bottom + 5), f"step {s_max}", fill="black")
+    s_max = max((s for pts in series.values() for s, _ in pts), default=1) or 1
     for k, (name, pts) in enumerate(series.items()):
-        colour = colours[k % len(colours)]
-        xy = [(left + (right - left) * s / s_max, bottom - (bottom - top) * (np.log10(v) - lo) / (hi - lo))
-              for s, v in pts if v > 0]
+        top, bottom = k * panel + 14, (k + 1) * panel - 14
+        left, right = 60, width - 10
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        hi = hi if hi > lo else lo + 1e-12
+        draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
+        draw.text((2, top - 2), f"{hi:.3g}", fill="black")
+        draw.text((2, bottom - 10), f"{lo:.3g}", fill="black")
+        draw.text((left + 4, top - 13), name, fill=colours[k % len(colours)])
+        draw.text((right - 60, bottom + 1), f"step {s_max}", fill="black")
+        xy = [(left + (right - left) * s / s_max, bottom - (bottom - top) * (v - lo) / (hi - lo)) for s, v in pts]
         if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        draw.text((left + 8, top + 4 + 12 * k), name, fill=colour)
+            draw.line(xy, fill=colours[k % len(colours)], width=2)
+        else:
+            x, y = xy[0]
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colours[k % len(colours)])
     return img
 
 
@@ -147,39 +150,50 @@ def _demo_bench(out: Path, report: list[str], summary: dict) -> None:
     summary["bench"] = str(table)
 
 
-def _demo_engine(out: Path, steps: int, report: list[str], summary: dict) -> None:
+# metrics.jsonl keys that are bookkeeping, not loss terms or evaluation metrics
+_NOT_PLOTTED = ("step", "epoch", "time", "steps_per_sec", "lr/", "grad_norm/")
+
+
+def _train_and_report(out: Path, config: Path, run_name: str, steps: int, overrides: list[str], title: str,
+                      blurb: str, report: list[str], summary: dict) -> None:
+    """Train ``config`` for ``steps`` steps under ``out/runs/run_name`` and add its section to the report:
+    loss curves, first/last values, the last sample grid, the checkpoints kept."""
     from cmgen.engine.registry import load_config
     from cmgen.engine.trainer import train
 
-    config = PROJECT_ROOT / "configs" / "toy" / "synthetic.yaml"
-    _stage(f"training the engine's test method for {steps} steps ({config.name})")
-    cfg = load_config(config, [f"run.output_dir={out / 'runs'}", "run.name=toy", f"train.max_steps={steps}",
-                               f"train.checkpoint_every={max(steps // 4, 1)}", f"train.sample_every={steps}"])
+    _stage(f"training {run_name} for {steps} steps ({config.relative_to(PROJECT_ROOT)})")
+    cfg = load_config(config, [f"run.output_dir={out / 'runs'}", f"run.name={run_name}", f"train.max_steps={steps}",
+                               f"train.checkpoint_every={max(steps // 2, 1)}", f"train.sample_every={steps}",
+                               f"train.eval_every={max(steps // 3, 1)}", f"train.log_every={max(steps // 20, 1)}", *overrides])
     # the demo is a fresh run every time; its own earlier run is replaced, never resumed
-    shutil.rmtree(out / "runs" / "toy", ignore_errors=True)
+    shutil.rmtree(out / "runs" / run_name, ignore_errors=True)
+    start = time.time()
     result = train(cfg)
+    seconds = time.time() - start
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     series: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         for k, v in r.items():
-            if k.startswith(("loss", "eval/")) and isinstance(v, (int, float)):
+            if not k.startswith(_NOT_PLOTTED) and isinstance(v, (int, float)):
                 series.setdefault(k, []).append((r["step"], float(v)))
-    _line_plot(series).save(out / "toy_losses.png")
-    samples = sorted((result.run_dir / "samples").glob("*.png"))
+    _line_plot(series).save(out / f"{run_name}_losses.png")
     checkpoints = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir() if p.is_dir())
-    report += [
-        "## Training engine (test method `toy`: two models, two optimizers, EMA, a queue buffer)", "",
-        f"Run directory: `{result.run_dir}` (config.yaml, checkpoints/, samples/, logs/ for TensorBoard, "
-        "metrics.jsonl).", "",
-        "![losses](toy_losses.png)", "",
-        "| term | first | last |", "|---|---|---|",
-        *[f"| {k} | {v[0][1]:.4g} | {v[-1][1]:.4g} |" for k, v in series.items()], "",
-        f"Checkpoints kept: {', '.join(checkpoints)}. "
-        f"Resume with `cmgen train {config.relative_to(PROJECT_ROOT)} resume=latest`.", "",
-    ]
+    report += [f"## {title}", "", blurb, "",
+               f"{steps} steps in {seconds:.0f} s. Run directory: `{result.run_dir}` (config.yaml, checkpoints/, "
+               "samples/, logs/ for TensorBoard, metrics.jsonl).", "",
+               f"![{run_name} losses]({run_name}_losses.png)", "",
+               "| term | first | last |", "|---|---|---|",
+               *[f"| {k} | {v[0][1]:.4g} | {v[-1][1]:.4g} |" for k, v in series.items()], ""]
+    samples = sorted((result.run_dir / "samples").glob("*.png"))
     if samples:
-        report += [f"Last sample grid: `{samples[-1]}`", ""]
-    summary["engine"] = {"run_dir": str(result.run_dir), "step": result.step,
+        grid = Image.open(samples[-1])
+        zoom = max(1, 480 // max(grid.size))      # small grids (32 px images) are enlarged to be seen
+        grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(out / f"{run_name}_samples.png")
+        report += [f"Samples at step {result.step}:", "", f"![{run_name} samples]({run_name}_samples.png)", ""]
+    report += [f"Checkpoints kept: {', '.join(checkpoints)}. Continue with "
+               f"`cmgen train {config.relative_to(PROJECT_ROOT)} run.output_dir={out / 'runs'} "
+               f"run.name={run_name} resume=latest train.max_steps=...`.", ""]
+    summary[run_name] = {"run_dir": str(result.run_dir), "step": result.step, "seconds": round(seconds, 1),
                          "final": {k: v[-1][1] for k, v in series.items()}}
 
 
@@ -194,7 +208,24 @@ def run(args: argparse.Namespace) -> int:
     _demo_data(out, report, summary)
     if not args.skip_bench:
         _demo_bench(out, report, summary)
-    _demo_engine(out, args.steps, report, summary)
+    configs = PROJECT_ROOT / "configs"
+    _train_and_report(out, configs / "toy" / "synthetic.yaml", "toy", args.steps, [],
+                      "Training engine: test method `toy`",
+                      "Two models, two optimizer updates per batch, EMA, a queue buffer: the engine's worked example.",
+                      report, summary)
+    _train_and_report(out, configs / "videomoco" / "moving_digits.yaml", "videomoco", args.video_steps,
+                      [f"data.root={out / 'data' / 'videomoco_digits'}",
+                       f"model.adversarial_start_step={args.video_steps // 3}"],
+                      "VideoMoCo on moving digits",
+                      "MoCo discriminator with a temporally decayed queue; after a MoCo-only third, the generator "
+                      "learns which 25% of frames to drop. `eval/knn_top1`: 1-NN accuracy of test clips' "
+                      "embeddings against training clips (8 direction classes: chance 12.5%). Samples: frames "
+                      "of test clips after the generator's dropping (grey frames).",
+                      report, summary)
+    _train_and_report(out, configs / "contragan" / "shapes.yaml", "contragan", args.gan_steps, [],
+                      "ContraGAN on shapes",
+                      "BigGAN-style class-conditional GAN with the 2C loss; one row of EMA-generator samples "
+                      "per shape class.", report, summary)
     report += ["## Not in the demo yet", "",
                "These subsystems are not implemented yet; each adds its part here when it lands: "
                + ", ".join(NOT_YET) + ".", "",

@@ -34,9 +34,10 @@ def test_demo_runs(tmp_path):
     from cmgen.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "4"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "4", "--video-steps", "3", "--gan-steps", "2"]) == 0
     report = (out / "report.md").read_text()
-    for png in ("shapes.png", "moving_digits.png", "toy_losses.png"):
+    for png in ("shapes.png", "moving_digits.png", "toy_losses.png", "videomoco_losses.png",
+                "videomoco_samples.png", "contragan_losses.png", "contragan_samples.png"):
         assert f"({png})" in report and (out / png).stat().st_size > 0
     assert "MoveUpLeft" in report
     assert "## Loss benchmark" in report and "NTXent" in report
