@@ -112,6 +112,12 @@ class _Spec:
         return s
 
 
+def _row_weights(g: torch.Tensor, lse: torch.Tensor, c) -> torch.Tensor:
+    """Backward row factors for tiles shifted by c: P_ij = exp(S_ij - c_i) u_i with u_i = g_i exp(c_i - lse_i)
+    (u_i = g_i when c = lse), 0 for rows with no allowed column."""
+    return torch.where(torch.isfinite(lse), g * torch.exp(c - _finite_or_zero(lse)), 0.0)
+
+
 def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
     # A row with no allowed column has lse = -inf; its tile is all -inf, and exp(-inf - 0) = 0 keeps the
     # backward free of (-inf) - (-inf) = nan.
@@ -176,14 +182,11 @@ class _MaskedLSE(torch.autograd.Function):
             dq = torch.empty_like(qc) if need_q else None
             dk = torch.zeros_like(kc) if need_k else None
             db = torch.zeros_like(bc) if need_b else None
-            finite = torch.isfinite(lse)
             if ctx.stable:
                 # P = exp(S - lse) g from the max-shifted logits (kept tiles are never used here)
-                qa, ka = _rect_factors(qc, kc, bc, spec.scale, torch.where(finite, lse, 0.0))
-                u = torch.where(finite, g, 0.0)
-            else:
-                qa, ka = _rect_factors(qc, kc, bc, spec.scale, c)
-                u = torch.where(finite, g * torch.exp(c - torch.where(finite, lse, 0.0)), 0.0)
+                c = _finite_or_zero(lse)
+            qa, ka = _rect_factors(qc, kc, bc, spec.scale, c)
+            u = _row_weights(g, lse, c)
             for t, r0 in enumerate(range(0, n, rows)):
                 r1 = min(n, r0 + rows)
                 # P = softmax weights of the tile times the incoming gradient (a kept tile is left
@@ -281,7 +284,8 @@ class _SymmetricLSE(torch.autograd.Function):
             stable = False
             low = torch.nonzero(sums < _LOW_SUM, as_tuple=True)[0]
             if low.numel():
-                lse[low] = _stable_rows(zc, spec, low)
+                lse[low] = _rect_stable_rows(zc, zc, None, spec, low,
+                                             spec.chunk or max(1, _AUTO_TILE_ELEMENTS // max(n, 1)))
                 stable = bool(torch.isfinite(lse[low]).any())
             if stable:
                 lse = _sym_forward_stable(zc, spec, tiles)
@@ -302,8 +306,7 @@ class _SymmetricLSE(torch.autograd.Function):
             else:
                 dz = torch.zeros_like(zc)
                 za, zb = _shifted_factors(zc, spec.scale, ctx.c)
-                finite = torch.isfinite(lse)
-                u = torch.where(finite, g * torch.exp(ctx.c - torch.where(finite, lse, 0.0)), 0.0)
+                u = _row_weights(g, lse, ctx.c)
                 for r0, r1, c0, c1 in tiles:
                     e = spec.apply_mask(torch.mm(za[r0:r1], zb[c0:c1].t()), r0, r1, c0, c1).exp_()
                     e.mul_(u[r0:r1, None] + u[None, c0:c1])
@@ -328,18 +331,6 @@ def _shifted_factors(zc: torch.Tensor, scale: float, c: float):
 def _sym_tiles(n: int, b: int) -> list[tuple[int, int, int, int]]:
     starts = list(range(0, n, b))
     return [(r0, min(n, r0 + b), c0, min(n, c0 + b)) for i, r0 in enumerate(starts) for c0 in starts[i:]]
-
-
-def _stable_rows(zc: torch.Tensor, spec: _Spec, idx: torch.Tensor) -> torch.Tensor:
-    """Exact LSE (max-shifted) of the rows ``idx`` of the symmetric problem, against all columns."""
-    n = zc.shape[0]
-    out = zc.new_empty(idx.numel())
-    step = spec.chunk or max(1, _AUTO_TILE_ELEMENTS // max(n, 1))
-    for a in range(0, idx.numel(), step):
-        rows = idx[a:a + step]
-        s = torch.mm(zc[rows], zc.t()).mul_(spec.scale)
-        out[a:a + step] = torch.logsumexp(spec.apply_mask_rows(s, rows), dim=1)
-    return out
 
 
 def _sym_forward_stable(zc: torch.Tensor, spec: _Spec, tiles) -> torch.Tensor:
