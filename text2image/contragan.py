@@ -214,17 +214,12 @@ class ContraGANMethod(GANMethod):
         return Path(d.root) if d.root else Path(self.cfg.run.output_dir) / "data" / f"shapes_{self.cfg.model.image_size}px"
 
     def _ensure_data(self) -> Path:
-        import torch.distributed as dist
-        from cmgen.data import write_shapes
+        from cmgen.data import ensure_dataset, write_shapes
 
         root, d = self._data_root(), self.cfg.data
-        distributed = dist.is_available() and dist.is_initialized()
-        if not root.exists() and (not distributed or dist.get_rank() == 0):
-            write_shapes(root, num_images=d.num_images, image_size=self.cfg.model.image_size, seed=d.seed,
-                         progress=False)
-        if distributed:
-            dist.barrier()
-        return root
+        return ensure_dataset(root, ".", lambda: write_shapes(root, num_images=d.num_images,
+                                                              image_size=self.cfg.model.image_size, seed=d.seed,
+                                                              progress=False))
 
     def _classes(self) -> list[str]:
         from text2image.data import ShapesAttributes

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cmgen.config import ExperimentConfig, OptimConfig
-from cmgen.distributed import barrier, batch_shuffle, batch_unshuffle, gather_no_grad, rank
+from cmgen.distributed import batch_shuffle, batch_unshuffle, gather_no_grad
 from cmgen.engine.method import Method, StepContext
 from cmgen.engine.schedules import build_optimizer
 from cmgen.losses import InfoNCE, MoCoQueue, momentum_update
@@ -310,12 +310,10 @@ class VideoMoCoMethod(Method):
 
     def build_dataset(self, cfg: VideoMoCoConfig) -> Dataset:
         d = cfg.data
-        if rank() == 0 and not (Path(d.root) / "ucf101" / "ucfTrainTestlist" / "classInd.txt").is_file():
-            from cmgen.data import write_moving_digits
-            write_moving_digits(d.root, num_videos=d.num_videos, num_frames=d.num_frames, size=d.frame_size,
-                                digit_size=d.digit_size, speed=d.speed, clips_per_group=d.clips_per_group,
-                                seed=d.seed, progress=False)
-        barrier()
+        from cmgen.data import ensure_dataset, write_moving_digits
+        ensure_dataset(d.root, "ucf101/ucfTrainTestlist/classInd.txt", lambda: write_moving_digits(
+            d.root, num_videos=d.num_videos, num_frames=d.num_frames, size=d.frame_size, digit_size=d.digit_size,
+            speed=d.speed, clips_per_group=d.clips_per_group, seed=d.seed, progress=False))
         return TwoViewClips(self._ucf("train", train=True), ClipAugment(d.size, d.crop_scale, d.brightness))
 
     def train_step(self, batch, step: int, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -9,9 +9,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["INFO_FILE", "FORMAT_VERSION", "prepare_out_dir", "write_json", "write_text"]
+__all__ = ["INFO_FILE", "FORMAT_VERSION", "prepare_out_dir", "write_json", "write_text", "ensure_dataset"]
 
 INFO_FILE = "dataset_info.json"
 # Bumped whenever a writer's output changes for the same arguments.
@@ -75,3 +75,18 @@ def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
+
+
+def ensure_dataset(root: str | os.PathLike, marker: str, write: Callable[[], Any]) -> Path:
+    """Call ``write()`` on rank 0 when ``root / marker`` does not exist, then let every process wait for it.
+
+    Methods use it to write their embedded dataset on first use; ``marker`` is the file (or ``"."`` for
+    the root itself) whose presence means the data is there. Returns ``root`` as a Path.
+    """
+    from cmgen.distributed import barrier, rank  # torch: only for the methods, not for `cmgen data`
+
+    root = Path(root)
+    if rank() == 0 and not (root / marker).exists():
+        write()
+    barrier()
+    return root
