@@ -35,6 +35,16 @@ they happen to agree (every query has the same e). CLIP4Clip's multi-sentence t2
 of the two middle ranks for an even number of captions; we use ``np.median`` throughout, as its
 ``compute_metrics`` does.
 
+From embeddings (``retrieval_metrics_from_embeddings``). A 100k x 100k float32 matrix is 40 GB, so at
+scale the scores are computed block by block from the embeddings and only per-query counts (g, e, c)
+are kept: t2v ranks ``text_emb[rows] @ video_emb.T`` row blocks, v2t ranks ``video_emb[rows] @
+text_emb.T`` row blocks (for "maxpool" each block is first max-pooled over every video's captions).
+Each query's correct score is read from the same block it is compared with, so an item always ties
+with itself and the rule above applies unchanged; peak extra memory is O(chunk_size * (T + V)).
+The two directions compute their own products, so on real-valued data the t2v and v2t passes may see
+scores that differ from one ``text_emb @ video_emb.T`` in the last bit (as any two BLAS calls may);
+exactly representable data (small integers) gives identical numbers.
+
 ``dual_softmax`` and ``querybank_normalize`` rescore a similarity matrix using OTHER queries' scores
 (the whole test query set, or a query bank). They are transductive / use extra data at test time, so
 numbers after them must be reported apart from the plain ones.
@@ -48,7 +58,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
-__all__ = ["retrieval_metrics", "dual_softmax", "querybank_normalize", "RECALL_KS", "TIES", "V2T_MODES"]
+__all__ = ["retrieval_metrics", "retrieval_metrics_from_embeddings", "dual_softmax", "querybank_normalize", "RECALL_KS", "TIES", "V2T_MODES"]
 
 RECALL_KS = (1, 5, 10)
 # counts of items above / tied with the correct score; int32 halves the temporary that summing a
@@ -290,6 +300,146 @@ def retrieval_metrics(sim, text_to_video=None, *, ties: str = "average", v2t: st
             v2t_stats = _v2t_best_stats(sim, t2v, row_chunk)
         else:
             v2t_stats = _v2t_maxpool_stats(sim, t2v, _check_chunk_size(chunk_size, max(num_texts, num_videos)))
+    return {"t2v": _summarize(t2v_stats, ties), "v2t": _summarize(v2t_stats, ties)}
+
+
+# --------------------------------------------------------------------------- from embeddings
+
+# elements of one score block (rows x (num_texts + num_videos)) held at a time by default: 256 MiB of
+# float32 on CPU; more on CUDA, where the matmul needs wide blocks to be efficient
+_BLOCK_ELEMENTS = {"cpu": 2**26, "cuda": 2**28}
+
+
+class _Product:
+    """The lazy matrix ``a @ b.T`` of shape (len(a), len(b)): ``[rows, cols]`` computes that block only,
+    so the sim-based stat helpers above run on it unchanged."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a, b
+        self.shape = (a.shape[0], b.shape[0])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, cols = key
+        return self.a[rows] @ self.b[cols].T
+
+
+class _MaxPooledProduct:
+    """The lazy (num_videos, num_videos) matrix P[v, u] = max_{t: text_to_video[t] = u} <video_v, text_t>,
+    i.e. CLIP4Clip's S[u, v] transposed: row v holds video v's query scores against every caption group.
+    A row block pools one (rows, num_texts) product block; every video has a caption, so the lowest
+    representable value never survives the max."""
+
+    def __init__(self, video: torch.Tensor, text: torch.Tensor, t2v: torch.Tensor):
+        self.video, self.text = video, text
+        self.t2v = t2v.to(video.device)
+        self.shape = (video.shape[0], video.shape[0])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, cols = key
+        if cols != slice(None):
+            raise ValueError("_MaxPooledProduct is read in whole rows only")
+        block = self.video[rows] @ self.text.T  # (r, num_texts)
+        pooled = torch.full((block.shape[0], self.shape[1]), _lowest(block.dtype), dtype=block.dtype,
+                            device=block.device)
+        return pooled.scatter_reduce_(1, self.t2v[None, :].expand_as(block), block, "amax")
+
+
+def _best_row_stats(sim, t2v: torch.Tensor, chunk: int):
+    """v2t "best" with videos as ROWS of ``sim`` (num_videos, num_texts): per video v, s*_v = the best
+    score among its captions, g / e = #captions above / equal to s*_v, c = #correct captions at s*_v.
+    The row-wise twin of :func:`_v2t_best_stats` (which walks caption rows of a texts x videos matrix)."""
+    num_videos = sim.shape[0]
+    order = torch.argsort(t2v, stable=True)  # captions grouped by video
+    offsets = torch.zeros(num_videos + 1, dtype=torch.long)
+    offsets[1:] = torch.bincount(t2v, minlength=num_videos).cumsum(0)
+    greater = torch.empty(num_videos, dtype=torch.long)
+    equal = torch.empty(num_videos, dtype=torch.long)
+    correct = torch.empty(num_videos, dtype=torch.long)
+    for start in range(0, num_videos, chunk):
+        block = _block(sim, slice(start, start + chunk))  # (r, num_texts)
+        r = block.shape[0]
+        captions = order[offsets[start]:offsets[start + r]].to(block.device)
+        rows = t2v.to(block.device)[captions] - start
+        own = block[rows, captions]
+        best = torch.full((r,), _lowest(block.dtype), dtype=block.dtype, device=block.device)
+        best.scatter_reduce_(0, rows, own, "amax")
+        correct[start:start + r] = torch.bincount(rows[own == best[rows]], minlength=r).cpu()
+        greater[start:start + r] = (block > best[:, None]).sum(1, dtype=_COUNT).cpu()
+        equal[start:start + r] = (block == best[:, None]).sum(1, dtype=_COUNT).cpu()
+    return greater, equal, correct
+
+
+def _check_embeddings(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x if x.flags.writeable and x.flags.c_contiguous else np.array(x, order="C"))
+    elif not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D (num, dim) array, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        if x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        x = x.double()
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s); the first is at (row {r}, column {c})")
+    return x.detach()
+
+
+def retrieval_metrics_from_embeddings(text_emb, video_emb, text_to_video=None, *, ties: str = "average",
+                                      v2t: str = "best", chunk_size: int | None = None
+                                      ) -> dict[str, dict[str, float]]:
+    """:func:`retrieval_metrics` of ``text_emb @ video_emb.T`` without ever forming that matrix.
+
+    Scores are computed ``chunk_size`` queries at a time (t2v: caption rows against all videos; v2t:
+    video rows against all captions, max-pooled per caption group for "maxpool"); only per-query
+    counts are kept (see the module docstring, "From embeddings"). Runs where the tensors are: CUDA
+    tensors are ranked on their GPU.
+
+    Args:
+        text_emb: (num_texts, D) numpy array or tensor; ``text_emb[t] . video_emb[v]`` is the score
+            (normalise first for cosine similarity).
+        video_emb: (num_videos, D), same device as ``text_emb``.
+        text_to_video, ties, v2t: as :func:`retrieval_metrics`.
+        chunk_size: queries per block; ``None`` picks blocks of at most 2**26 (CPU) / 2**28 (CUDA) scores
+            counting both the product and, for "maxpool", the pooled block. Results do not depend on it.
+
+    Returns:
+        The same dict as :func:`retrieval_metrics`.
+
+    Raises:
+        ValueError: as :func:`retrieval_metrics`, plus embeddings that are not 2-D, differ in D or device,
+            or hold NaN / inf (whose products would be NaN).
+    """
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    if v2t not in V2T_MODES:
+        raise ValueError(f"v2t must be one of {V2T_MODES}, got {v2t!r}")
+    text = _check_embeddings(text_emb, "text_emb")
+    video = _check_embeddings(video_emb, "video_emb")
+    if text.shape[1] != video.shape[1]:
+        raise ValueError(f"text_emb has dimension {text.shape[1]} but video_emb has {video.shape[1]}")
+    if text.device != video.device:
+        raise ValueError(f"text_emb is on {text.device} but video_emb is on {video.device}")
+    dtype = torch.promote_types(text.dtype, video.dtype)
+    text, video = text.to(dtype), video.to(dtype)
+    num_texts, num_videos = text.shape[0], video.shape[0]
+    t2v = _check_text_to_video(text_to_video, num_texts, num_videos)
+    captions = torch.bincount(t2v, minlength=num_videos)
+    if bool((captions == 0).any()):
+        missing = (captions == 0).nonzero()[:, 0]
+        raise ValueError(f"{len(missing)} of {num_videos} videos have no caption in text_to_video (first: "
+                         f"video {int(missing[0])}), so video->text retrieval is undefined; drop those "
+                         f"videos from video_emb")
+    budget = _BLOCK_ELEMENTS["cuda" if text.device.type == "cuda" else "cpu"]
+    chunk = _check_chunk_size(chunk_size, budget // (num_texts + num_videos))
+    with torch.no_grad():
+        t2v_stats = _t2v_stats(_Product(text, video), t2v, chunk)
+        if v2t == "best" or bool((captions == 1).all()):  # one caption per video: the two modes agree
+            v2t_stats = _best_row_stats(_Product(video, text), t2v, chunk)
+        else:
+            v2t_stats = _t2v_stats(_MaxPooledProduct(video, text, t2v), torch.arange(num_videos), chunk)
     return {"t2v": _summarize(t2v_stats, ties), "v2t": _summarize(v2t_stats, ties)}
 
 

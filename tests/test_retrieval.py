@@ -406,3 +406,108 @@ def test_cmgen_eval_retrieval_end_to_end(tmp_path, capsys):
     assert report["metrics"] == retrieval_metrics(sim)
     assert report["settings"]["ties"] == "average" and report["settings"]["v2t"] == "best"
     assert report["shapes"]["num_texts"] == report["shapes"]["num_videos"] == 8
+
+
+# ------------------------------------------------------------------------- from embeddings (at scale)
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from evaluation import retrieval as retrieval_module  # noqa: E402
+from evaluation.retrieval import retrieval_metrics_from_embeddings  # noqa: E402
+
+
+def _embeddings(num_videos, counts, rng, dim=6, levels=None):
+    t2v = np.repeat(np.arange(num_videos), counts)
+    rng.shuffle(t2v)
+    if levels:  # small integers: every product is exact, so ties are real ties
+        text = rng.integers(-1, levels, size=(len(t2v), dim)).astype(np.float32)
+        video = rng.integers(-1, levels, size=(num_videos, dim)).astype(np.float32)
+    else:
+        text, video = rng.standard_normal((len(t2v), dim)), rng.standard_normal((num_videos, dim))
+    return text, video, t2v
+
+
+@pytest.mark.parametrize("v2t", ["best", "maxpool"])
+@pytest.mark.parametrize("ties", ["average", "optimistic", "pessimistic"])
+@pytest.mark.parametrize("levels", [None, 2])
+def test_from_embeddings_equals_matrix_path(v2t, ties, levels):
+    rng = np.random.default_rng(zlib.crc32(f"emb/{v2t}/{ties}/{levels}".encode()))
+    for counts in (1, rng.integers(1, 6, size=14)):
+        text, video, t2v = _embeddings(14, counts, rng, levels=levels)
+        sim = text.astype(np.float64) @ video.T.astype(np.float64)
+        want = retrieval_metrics(sim, t2v, ties=ties, v2t=v2t)
+        assert_metrics_close(want, reference_metrics(sim, t2v, ties=ties, v2t=v2t))
+        for chunk in (None, 1, 4, 1000):
+            got = retrieval_metrics_from_embeddings(text, video, t2v, ties=ties, v2t=v2t, chunk_size=chunk)
+            assert_metrics_close(got, want, tol=1e-9)
+
+
+def test_from_embeddings_square_torch_and_heavy_ties():
+    rng = np.random.default_rng(12)
+    text = rng.integers(0, 2, size=(30, 2)).astype(np.float32)  # 4 distinct rows: huge tie groups
+    video = rng.integers(0, 2, size=(30, 2)).astype(np.float32)
+    want = retrieval_metrics(text @ video.T)
+    assert retrieval_metrics_from_embeddings(torch.from_numpy(text), torch.from_numpy(video), chunk_size=7) == want
+    assert retrieval_metrics_from_embeddings(text.astype(np.int64), video.astype(np.int64)) == want
+    constant = retrieval_metrics_from_embeddings(np.ones((20, 3)), np.ones((20, 3)))
+    assert constant["t2v"]["R@1"] == pytest.approx(5.0) and constant["v2t"]["MnR"] == pytest.approx(10.5)
+
+
+class _MaxNumel(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("v2t", ["best", "maxpool"])
+def test_from_embeddings_never_allocates_the_matrix(v2t, monkeypatch):
+    rng = np.random.default_rng(13)
+    text, video, t2v = _embeddings(150, rng.integers(1, 4, size=150), rng, dim=8)
+    num_texts = len(t2v)
+    text, video = torch.from_numpy(text), torch.from_numpy(video)
+    want = retrieval_metrics(text @ video.T, t2v, v2t=v2t)
+    with _MaxNumel() as mode:
+        got = retrieval_metrics_from_embeddings(text, video, t2v, v2t=v2t, chunk_size=8)
+    assert_metrics_close(got, want)
+    assert mode.max_numel <= 8 * (num_texts + 150), mode.max_numel  # one block of queries, never T x V
+    # the default chunk follows the element budget
+    monkeypatch.setitem(retrieval_module._BLOCK_ELEMENTS, "cpu", 4096)
+    with _MaxNumel() as mode:
+        got = retrieval_metrics_from_embeddings(text, video, t2v, v2t=v2t)
+    assert_metrics_close(got, want)
+    assert mode.max_numel <= 4096 < num_texts * 150
+
+
+def test_from_embeddings_validation():
+    with pytest.raises(ValueError, match="dimension 3 but video_emb has 4"):
+        retrieval_metrics_from_embeddings(np.zeros((5, 3)), np.zeros((5, 4)))
+    bad = np.zeros((5, 3))
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"text_emb has 1 non-finite.*row 2, column 1"):
+        retrieval_metrics_from_embeddings(bad, np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="2-D"):
+        retrieval_metrics_from_embeddings(np.zeros(5), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="non-square"):
+        retrieval_metrics_from_embeddings(np.zeros((6, 3)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="1 of 3 videos have no caption"):
+        retrieval_metrics_from_embeddings(np.zeros((4, 3)), np.zeros((3, 3)), [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="chunk_size"):
+        retrieval_metrics_from_embeddings(np.zeros((3, 3)), np.zeros((3, 3)), chunk_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_from_embeddings_on_cuda_matches_cpu():
+    rng = np.random.default_rng(14)
+    text, video, t2v = _embeddings(40, rng.integers(1, 4, size=40), rng, levels=3)
+    for v2t in ("best", "maxpool"):
+        want = retrieval_metrics_from_embeddings(text, video, t2v, v2t=v2t)
+        got = retrieval_metrics_from_embeddings(torch.from_numpy(text).cuda(), torch.from_numpy(video).cuda(),
+                                                t2v, v2t=v2t, chunk_size=16)
+        assert got == want
