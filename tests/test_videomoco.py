@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import shutil
 
@@ -135,8 +136,8 @@ class PlainCtx:
     def unwrap(self, name):
         return self.models[name]
 
-    def backward(self, loss):
-        loss.backward()
+    def backward(self, loss, **kwargs):
+        loss.backward(**kwargs)
 
     def step(self, name):
         self.optimizers[name].step()
@@ -167,11 +168,12 @@ def params(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-@pytest.mark.parametrize("objective", ["l1", "maximize_d"])
+@pytest.mark.parametrize("objective", ["official", "l1", "maximize_d"])
 def test_step_updates_momentum_encoder_queue_and_generator(objective):
     method, models, ctx = tiny_method("model.adversarial_start_step=1", f"model.g_objective={objective}")
     d, g = models["d"], models["g"]
-    assert isinstance(method.cfg, VideoMoCoConfig) and method.g_weight == (100.0 if objective == "l1" else 1.0)
+    assert isinstance(method.cfg, VideoMoCoConfig)
+    assert method.g_weight == (1.0 if objective == "maximize_d" else 100.0)
     batch = lambda s: {"q": clips(4, 8, 16, s), "k": clips(4, 8, 16, s + 10)}
     q0, g0 = params(d.encoder_q), params(g)
 
@@ -241,3 +243,179 @@ def test_engine_run_writes_eval_and_dropped_frame_samples(tmp_path, data_root):
                               "model.negative_weight_mode=exp"))
     assert 0.0 <= result.metrics["eval/knn_top1"] <= 100.0
     assert (result.run_dir / "samples" / "step_000002.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# official-code corrections: estimators, queue writes, the official training loop
+# (tinapan-pt/VideoMoCo @ 42e069aef6f8952fa67b87ba5269851eedd834c3)
+# ---------------------------------------------------------------------------------------------------
+def test_soft_mask_gradient_equals_autograd_of_the_soft_formula():
+    """d x_fake / d logits must be that of x + k softmax(-logits) (mean - x): a flipped sign of the soft
+    mask (softmax(+logits)) or of (mean - x) fails here."""
+    g = FrameDropGenerator(4, 8, straight_through="soft_mask")
+    x = clips(3, 8, 6, seed=3)
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    x_fake, dropped = g.drop(x, logits)
+    (grad,) = torch.autograd.grad((x_fake * upstream).sum(), logits)
+    ref_logits = logits.detach().double().requires_grad_(True)
+    xd = x.double()
+    mean = xd.mean(dim=(1, 3, 4), keepdim=True)
+    soft = 2 * torch.softmax(-ref_logits, dim=1)[:, None, :, None, None]
+    (ref,) = torch.autograd.grad(((xd + soft * (mean - xd)) * upstream.double()).sum(), ref_logits)
+    torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-6)
+    assert dropped.sum(1).tolist() == [2, 2, 2]
+
+
+class OfficialVideoTopk(torch.autograd.Function):
+    """moco/builder.py::VideoTopk, transcribed (the number of dropped frames is an argument, 8 there)."""
+
+    @staticmethod
+    def forward(ctx, im_q, list_out, k):
+        b = im_q.shape[0]
+        _, indices = list_out.topk(k, dim=1, largest=False, sorted=False)
+        im_q_fake = im_q.clone().detach()
+        for i in range(b):
+            for j in indices[i]:
+                im_q_fake[i, :, j, :, :] = torch.mean(im_q_fake[i, :, j, :, :])
+        return im_q_fake
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, torch.sum(grad_output, dim=(1, 3, 4)), None
+
+
+def test_official_straight_through_equals_videotopk():
+    g = FrameDropGenerator(4, 8, straight_through="official")
+    x = clips(2, 8, 6, seed=6)
+    logits = torch.randn(2, 8, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+    x_fake, _ = g.drop(x, logits)
+    (grad,) = torch.autograd.grad((x_fake * upstream).sum(), logits)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref_fake = OfficialVideoTopk.apply(x, ref_logits.softmax(dim=1), 2)
+    (ref,) = torch.autograd.grad((ref_fake * upstream).sum(), ref_logits)
+    torch.testing.assert_close(x_fake, ref_fake, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="straight_through"):
+        FrameDropGenerator(4, 8, straight_through="hard")
+
+
+@pytest.mark.parametrize("objective", ["official", "l1"])
+def test_new_queue_slots_hold_the_momentum_keys_of_the_batch(objective):
+    """Enqueuing the queries (or keys from before the momentum update) instead fails here."""
+    method, models, ctx = tiny_method("model.adversarial_start_step=0", f"model.g_objective={objective}")
+    d = models["d"]
+    batch = {"q": clips(4, 8, 16, 20), "k": clips(4, 8, 16, 30)}
+    method.train_step(batch, 0, ctx)
+    ptr = int(d.queue.ptr)
+    written = d.queue.keys[ptr - 4:ptr].clone()
+    keys = d.key(batch["k"])               # momentum encoder after this step's momentum update, train-mode BN
+    torch.testing.assert_close(written, keys, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(written, d(batch["q"]).detach(), atol=1e-3)
+
+
+def test_decay_ages_index_weights_keys_by_queue_position():
+    d = VideoMoCo(TinyVideoCNN(dim=4, width=2), dim=4, K=6, temporal_decay=0.5, decay_ages="index")
+    d.queue.enqueue(torch.nn.functional.normalize(torch.randn(4, 4), dim=1))   # slots 0..3, ptr 4
+    _, w = d.negatives()
+    # newest slot 3 -> i = 1, slot 0 -> i = 4, never-written slots 4, 5 -> i = 6, 5 (oldest positions)
+    torch.testing.assert_close(w, 0.5 ** torch.tensor([4.0, 3.0, 2.0, 1.0, 6.0, 5.0]))
+    d.decay_ages = "enqueue"
+    torch.testing.assert_close(d.negatives()[1], torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="decay_ages"):
+        VideoMoCo(TinyVideoCNN(dim=4, width=2), dim=4, K=6, decay_ages="per_key")
+
+
+class OfficialMoCo(torch.nn.Module):
+    """moco/builder.py::MoCo.forward for one process (no shuffle/gather), transcribed around our encoders."""
+
+    def __init__(self, encoder_q, encoder_k, queue_keys, count, K, m, T):
+        super().__init__()
+        self.encoder_q, self.encoder_k = encoder_q, encoder_k
+        self.register_buffer("queue", queue_keys.T.clone())                # (dim, K)
+        self.count = count.clone()
+        self.queue_ptr = 0
+        self.K, self.m, self.T = K, m, T
+
+    def forward(self, im_q_fake, im_q, im_k, t):
+        q_real = torch.nn.functional.normalize(self.encoder_q(im_q), dim=1)
+        q_fake = self.encoder_q(im_q_fake)
+        q = torch.nn.functional.normalize(q_fake, dim=1)
+        with torch.no_grad():
+            for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+                param_k.data = param_k.data * self.m + param_q.data * (1. - self.m)
+            k = torch.nn.functional.normalize(self.encoder_k(im_k), dim=1)
+        l_pos = torch.einsum('nc,nc->n', [q, k]).unsqueeze(-1)
+        weight = t ** (1.0 * self.count)
+        weight = torch.mul(self.queue, weight)
+        l_neg = torch.einsum('nc,ck->nk', [q, weight.clone().detach()])
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long)
+        with torch.no_grad():                                                # _dequeue_and_enqueue
+            self.count += 1
+            b = k.shape[0]
+            self.queue[:, self.queue_ptr:self.queue_ptr + b] = k.T
+            self.count[self.queue_ptr:self.queue_ptr + b] = 1
+            self.queue_ptr = (self.queue_ptr + b) % self.K
+        return q, q_real, logits, labels
+
+
+def set_requires_grad(nets, requires_grad=False):                         # utils/train_utils.py
+    for net in nets:
+        for param in net.parameters():
+            param.requires_grad = requires_grad
+
+
+def official_train_step(netG, netD, optimizer_g, optimizer_d, video, t):
+    """train.py::train, the body of the loop (GPU augmentation left out: the batch is given)."""
+    scores = netG.scores(video[0])                                         # Generator_Mask(...) -> Softmax
+    im_q_fake = OfficialVideoTopk.apply(video[0], scores, netG.num_dropped(video[0].shape[2]))
+    q_fake, q_real, output, target = netD(im_q_fake, im_q=video[0], im_k=video[1], t=t)
+    set_requires_grad([netD], False)
+    optimizer_g.zero_grad()
+    loss_g = -100 * torch.nn.L1Loss()(q_fake, q_real)
+    loss_g.backward(retain_graph=True)
+    set_requires_grad([netD], True)
+    optimizer_d.zero_grad()
+    loss_d = torch.nn.CrossEntropyLoss()(output, target)
+    loss_d.backward()
+    optimizer_g.step()
+    optimizer_d.step()
+    return loss_g, loss_d
+
+
+def test_official_objective_equals_transcribed_official_loop():
+    method, models, ctx = tiny_method("model.adversarial_start_step=0", "model.g_objective=official",
+                                      "model.g_straight_through=official", "model.temporal_decay=0.9")
+    g, d = models["g"], models["d"]
+    ref_g = copy.deepcopy(g)
+    ref_d = OfficialMoCo(copy.deepcopy(d.encoder_q), copy.deepcopy(d.encoder_k), d.queue.keys, d.queue.ages,
+                         d.K, d.m, d.T)
+    o = method.cfg.optim
+    opt_g = torch.optim.SGD(ref_g.parameters(), o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    opt_d = torch.optim.SGD(ref_d.parameters(), o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    for step in range(3):
+        batch = {"q": clips(4, 8, 16, 40 + step), "k": clips(4, 8, 16, 50 + step)}
+        out = method.train_step(batch, step, ctx)
+        loss_g, loss_d = official_train_step(ref_g, ref_d, opt_g, opt_d, [batch["q"], batch["k"]], 0.9)
+        assert out["loss_g"].item() == pytest.approx(loss_g.item(), rel=1e-5)
+        assert out["loss_d"].item() == pytest.approx(loss_d.item(), rel=1e-5)
+    for (name, a), b in zip(g.state_dict().items(), ref_g.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(d.encoder_q.state_dict().items(), ref_d.encoder_q.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    for a, b in zip(d.encoder_k.parameters(), ref_d.encoder_k.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(d.queue.keys, ref_d.queue.T, rtol=1e-4, atol=1e-6)
+    assert d.queue.ages.tolist() == ref_d.count.tolist()
+
+
+def test_official_objective_differs_from_g_loss_alone():
+    """G's official gradient includes L_D's: the 'l1' objective (G loss alone) ends elsewhere."""
+    ends = {}
+    for objective in ("official", "l1"):
+        method, models, ctx = tiny_method("model.adversarial_start_step=0", f"model.g_objective={objective}")
+        method.train_step({"q": clips(4, 8, 16, 60), "k": clips(4, 8, 16, 61)}, 0, ctx)
+        ends[objective] = params(models["g"])
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(ends["official"], ends["l1"]))

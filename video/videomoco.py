@@ -5,17 +5,41 @@ mean, a grey frame, so the clip keeps its length). The discriminator D is MoCo (
 the dropped clip G(x_q) is the query, the intact clip's other augmentation x_k goes through the
 momentum key encoder, and the queue's negatives are weighted by temporal decay t^age.
 
-Losses (D is updated first, then G through a frozen D):
+Official code: tinapan-pt/VideoMoCo at commit 42e069aef6f8952fa67b87ba5269851eedd834c3
+(``moco/builder.py``, ``train.py``, ``eval.py``, ``moco/loader.py``); every "official" below names the
+file and function it was read from.
+
+Losses:
 
 - D: InfoNCE (paper Eq. 4/6) ``L_D = -log exp(q.k/T) / (exp(q.k/T) + sum_j w_j(q, n_j))``, q = D(G(x_q)),
-  with ``w_j`` the temporal-decay term. ``negative_weight_mode="logit"`` (default, official code,
-  ``l_neg = q . (t^age n_j)``) reproduces the published numbers; ``"exp"`` is the paper's Eq. 6
-  (``t^age exp(q . n_j / T)``, issue #12 of the official repository).
-- G: ``g_objective="l1"`` (default, official ``train.py``): ``L_G = -lambda * L1(q_fake, q_real)`` with
-  ``lambda = 100``, q_real = D(x_q): G pushes the dropped clip's embedding away from the intact one's.
-  ``g_objective="maximize_d"`` (paper, Eq. 3 ``max_G min_D``): ``L_G = -lambda * L_D(G(x_q))``.
+  with ``w_j`` the temporal-decay term. ``negative_weight_mode="logit"`` (default here) is the official
+  ``MoCo.forward`` (``weight = t ** count; l_neg = q . (weight * queue)``); ``"exp"`` is the paper's
+  Eq. 6 (``t^age exp(q . n_j / T)``, issue #12 of the official repository). No run here shows which one
+  gives the published numbers; the official code is the default because it is the code that was
+  released with them. :class:`cmgen.losses.InfoNCE` itself defaults to ``"exp"``: there
+  ``negative_weights`` are generic per-negative weights on the denominator terms (the paper's reading,
+  shared with MoCHi), and the VideoMoCo config chooses the official reading explicitly.
+- G, ``g_objective``:
+
+  - ``"official"`` (default; ``train.py::train``): ONE forward (``q_real = D(x_q)``, ``q_fake =
+    D(G(x_q))``, keys, logits), then ``loss_g = -100 L1(q_fake, q_real)`` backward with D's parameters
+    frozen (``set_requires_grad([netD], False)``), then ``loss_d`` backward WITHOUT zeroing G's
+    gradients, then both optimizers step. G's gradient is therefore that of ``-100 L1 + L_D``: G is
+    pushed away from the intact clip's embedding but also *helps* D's InfoNCE; D's gradient is that
+    of ``L_D`` alone. D and G both see the models as they were before the step.
+  - ``"l1"``: the G loss alone, ``L_G = -lambda L1(q_fake, q_real)`` (lambda = 100), with a D update
+    first and then a G update through the frozen, just-updated D (the engine's GAN order).
+  - ``"maximize_d"`` (paper, Eq. 3 ``max_G min_D``): ``L_G = -lambda L_D(G(x_q))``, same order as ``"l1"``.
 - ``adversarial_start_step``: plain MoCo (query = intact clip, G idle) before it, as the recipe's
-  MoCo-only first half; joint training from it on.
+  MoCo-only first half (official README: "100 epochs to train D for initialization"); joint from it on.
+
+Temporal decay (``moco/builder.py::MoCo._dequeue_and_enqueue``: ``count += 1; count[ptr:ptr+B] = 1``):
+a key's age counts *enqueues* (training steps), not keys. With K = 65536 and a global batch of 32 (the
+README's ``-b 32``) the oldest key is 2048 enqueues old and weighs 0.99999^2048 = 0.9797; with the
+``train.py`` default batch 256 it weighs 0.99744, and in ``configs/videomoco/moving_digits.yaml``
+(K = 256, batch 8: 32 enqueues) 0.99968. So at t = 0.99999 the decay is nearly flat.
+``decay_ages="index"`` offers the other reading of the paper's t^i: i = the key's position in the
+queue counted from the newest key (1 .. K), so the oldest of K = 65536 keys weighs 0.99999^65536 = 0.519.
 
 Where this differs from the official code:
 
@@ -23,12 +47,22 @@ Where this differs from the official code:
   (2D convs + ASPP + BiLSTM) and only works at 32 x 112. :class:`FrameDropGenerator` keeps the idea
   at any size: a shared per-frame 2D CNN, a BiLSTM over time, one logit per frame, softmax over frames
   (the official ``fc`` ends in ``Softmax``).
-- The official ``topk`` has no gradient path to G's scores, so its G never learns from ``loss_g``.
-  Here the drop mask is straight-through: forward uses the hard bottom-k mask, backward the gradient of
-  the soft mask ``k * softmax(-logits)`` (see :meth:`FrameDropGenerator.forward`).
+- Gradient to G's scores: the official ``VideoTopk.backward`` is a straight-through estimator that
+  gives each score the sum of its frame's pixel gradients (``torch.sum(grad_output, dim=(1, 3, 4))``,
+  for kept and dropped frames alike) and the clip no gradient: ``straight_through="official"``. The
+  default ``"soft_mask"`` uses the gradient of the soft mask ``x + k softmax(-logits) (mean - x)``,
+  which is zero for a frame equal to its own mean (see :meth:`FrameDropGenerator.drop`).
 - The queue's ages live in a buffer and are saved in checkpoints (the official ``count`` is not).
-- The official loop updates G before D in each iteration; here D is updated first (the engine's GAN
-  order); with ``g_objective="l1"`` both use the same batch.
+- BatchNorm forwards of D's query encoder per step: the official ``MoCo.forward`` runs it once on the
+  intact clip and once on the dropped clip (``g_objective="official"`` does the same, in that order).
+  ``"l1"`` runs it three times (dropped clip for D; dropped and intact clip again through the updated
+  D for G) and ``"maximize_d"`` twice, so BN running statistics take more updates per step there.
+- Shuffle-BN (``MoCo._batch_shuffle_ddp``) permutes the global batch across processes; in ONE process
+  :func:`cmgen.distributed.batch_shuffle` is the identity (there is nothing to shuffle across), so a
+  single-process run's key encoder normalises its batch with its own statistics and the leak shuffle-BN
+  guards against is not prevented (the official code does not run without DDP at all).
+- Under DDP the official objective backpropagates twice through one forward, as ``train.py`` does
+  (with ``find_unused_parameters=True``); it is tested here in one process.
 """
 from __future__ import annotations
 
@@ -71,15 +105,23 @@ class FrameDropGenerator(nn.Module):
         hidden: BiLSTM output size (``hidden // 2`` per direction, as the official ``hidden_dim // 2``).
         drop_ratio: share of frames dropped, k = floor(drop_ratio * T) (official: 8 of 32); k must be in
             [1, T - 1].
+        straight_through: gradient of the hard drop with respect to the scores, see :meth:`drop`:
+            ``"soft_mask"`` (default) or ``"official"`` (``moco/builder.py::VideoTopk.backward``).
     """
 
-    def __init__(self, width: int = 16, hidden: int = 32, drop_ratio: float = 0.25):
+    ESTIMATORS = ("soft_mask", "official")
+
+    def __init__(self, width: int = 16, hidden: int = 32, drop_ratio: float = 0.25,
+                 straight_through: str = "soft_mask"):
         super().__init__()
         if width < 1 or hidden < 2 or hidden % 2:
             raise ValueError(f"width must be >= 1 and hidden even >= 2, got width={width}, hidden={hidden}")
         if not 0.0 < drop_ratio < 1.0:
             raise ValueError(f"drop_ratio must be in (0, 1), got {drop_ratio}")
+        if straight_through not in self.ESTIMATORS:
+            raise ValueError(f"straight_through must be one of {self.ESTIMATORS}, got {straight_through!r}")
         self.drop_ratio = float(drop_ratio)
+        self.straight_through = straight_through
         self.frame_net = nn.Sequential(
             nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width),
@@ -107,25 +149,40 @@ class FrameDropGenerator(nn.Module):
         """``(B, T)`` frame scores, softmax over frames (official ``fc`` + ``Softmax``)."""
         return self.logits(x).softmax(dim=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drop the k lowest-scoring frames of each clip.
+    def drop(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the k lowest-logit frames of each clip by their mean; straight-through gradient.
 
-        Returns ``(x_fake (B, 3, T, H, W), dropped (B, T) bool)``. A dropped frame is replaced by the
-        mean over its C, H, W (official ``im_q_fake[i, :, j] = mean(im_q_fake[i, :, j])``).
-        Straight-through gradient: with hard mask h (1 = dropped) and soft mask s = k * softmax(-logits)
-        (sums to k like h, large for low scores), ``x_fake = where(h, mean, x) + (s - sg(s)) * (mean - x)``
-        equals the hard drop exactly in the forward pass and has the gradient of
-        ``x + s * (mean - x)`` with respect to the logits.
+        Args:
+            x: clips ``(B, 3, T, H, W)``.
+            logits: ``(B, T)`` frame logits (the ranking equals the official ranking of softmax scores).
+
+        Returns ``(x_fake (B, 3, T, H, W), dropped (B, T) bool)``. A dropped frame is replaced by the mean
+        over its C, H, W (official ``VideoTopk.forward``: ``im_q_fake[i, :, j] = mean(im_q_fake[i, :, j])``).
+        The forward value is the hard drop in both estimators; the gradient with respect to ``logits``:
+
+        - ``"soft_mask"``: with hard mask h (1 = dropped) and soft mask s = k * softmax(-logits) (sums to
+          k like h, large for low logits), ``x_fake = where(h, mean, x) + (s - sg(s)) * (mean - x)``: the
+          gradient of ``x + s * (mean - x)``.
+        - ``"official"``: ``x_fake = sg(where(h, mean, x)) + (p - sg(p))`` with p = softmax(logits)
+          broadcast over C, H, W: each score p_j receives the sum of its frame's pixel gradients and
+          the clip none (``VideoTopk.backward`` returns ``grad_im = None, sum(grad_output, (1, 3, 4))``).
         """
-        logits = self.logits(x)
         k = self.num_dropped(x.shape[2])
         idx = logits.topk(k, dim=1, largest=False).indices
         dropped = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
-        soft = k * torch.softmax(-logits, dim=1)
-        st = (soft - soft.detach())[:, None, :, None, None]
         mean = x.mean(dim=(1, 3, 4), keepdim=True)                    # (B, 1, T, 1, 1) grey level per frame
-        x_fake = torch.where(dropped[:, None, :, None, None], mean.expand_as(x), x) + st * (mean - x)
-        return x_fake, dropped
+        hard = torch.where(dropped[:, None, :, None, None], mean.expand_as(x), x)
+        if self.straight_through == "soft_mask":
+            soft = k * torch.softmax(-logits, dim=1)
+            return hard + (soft - soft.detach())[:, None, :, None, None] * (mean - x), dropped
+        if self.straight_through == "official":
+            p = logits.softmax(dim=1)
+            return hard.detach() + (p - p.detach())[:, None, :, None, None], dropped
+        raise ValueError(f"straight_through must be one of {self.ESTIMATORS}, got {self.straight_through!r}")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``drop(x, logits(x))``: ``(x_fake (B, 3, T, H, W), dropped (B, T) bool)``."""
+        return self.drop(x, self.logits(x))
 
 
 class VideoMoCo(nn.Module):
@@ -137,19 +194,26 @@ class VideoMoCo(nn.Module):
         K: queue size (65536).
         m: key-encoder momentum (0.999), MoCo Eq. 2.
         T: softmax temperature (0.07).
-        temporal_decay: t (0.99999); a key enqueued a enqueues ago has weight t^a, so the oldest key of a
-            full queue has t^(K / global batch). None = plain MoCo (unit weights).
+        temporal_decay: t (0.99999); None = plain MoCo (unit weights).
         negative_weight_mode: ``"logit"`` (official code, default) or ``"exp"`` (paper Eq. 6).
+        decay_ages: ``"enqueue"`` (official ``count``: a key enqueued a steps ago weighs t^a, so the oldest
+            key of a full queue weighs t^(K / global batch)) or ``"index"`` (t^i with i = 1 .. K the key's
+            position from the newest key).
 
     Distributed helpers (shuffle-BN, gathering keys) stay with the caller (:class:`VideoMoCoMethod`).
     """
 
+    DECAY_AGES = ("enqueue", "index")
+
     def __init__(self, encoder: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.07,
-                 temporal_decay: float | None = 0.99999, negative_weight_mode: str = "logit"):
+                 temporal_decay: float | None = 0.99999, negative_weight_mode: str = "logit",
+                 decay_ages: str = "enqueue"):
         super().__init__()
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"momentum m must be in [0, 1], got {m}")
-        self.K, self.m, self.T = K, m, T
+        if decay_ages not in self.DECAY_AGES:
+            raise ValueError(f"decay_ages must be one of {self.DECAY_AGES}, got {decay_ages!r}")
+        self.K, self.m, self.T, self.decay_ages = K, m, T, decay_ages
         self.encoder_q = encoder
         self.encoder_k = copy.deepcopy(encoder)          # initialised as the query encoder (MoCo)
         for p in self.encoder_k.parameters():
@@ -157,9 +221,25 @@ class VideoMoCo(nn.Module):
         self.queue = MoCoQueue(dim, K, temporal_decay)
         self.criterion = InfoNCE(T, negative_weight_mode=negative_weight_mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised queries ``(B, 3, T, H, W) -> (B, dim)``."""
-        return F.normalize(self.encoder_q(x), dim=1)
+    def forward(self, *clips: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Normalised queries ``(B, 3, T, H, W) -> (B, dim)``, one query-encoder pass per clip tensor
+        (several in one call so a DDP-wrapped D sees one forward, as the official ``MoCo.forward`` runs
+        ``encoder_q`` on the intact and the dropped clip); a tuple when given several."""
+        if not clips:
+            raise ValueError("VideoMoCo.forward needs at least one clip batch")
+        out = tuple(F.normalize(self.encoder_q(x), dim=1) for x in clips)
+        return out[0] if len(out) == 1 else out
+
+    def negatives(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys (K, dim), weights (K,))``: copies of the queue and its decay weights, to take before
+        the step's enqueue (see ``decay_ages``)."""
+        keys, weights = self.queue.snapshot()
+        if self.decay_ages == "index" and self.queue.temporal_decay is not None:
+            slots = torch.arange(self.K, device=self.queue.ptr.device)
+            index = (self.queue.ptr - 1 - slots) % self.K + 1            # newest slot 1, oldest K
+            decay = torch.tensor(self.queue.temporal_decay, dtype=torch.float64, device=index.device)
+            weights = torch.pow(decay, index.to(torch.float64)).to(keys.dtype).to(keys.device)
+        return keys, weights
 
     @torch.no_grad()
     def key(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +254,7 @@ class VideoMoCo(nn.Module):
     def loss(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """InfoNCE with logits ``Nx(1+K)`` = [q.k, q.(w_j n_j) or q.n_j + log w_j] / T, target 0.
 
-        ``negatives (K, dim), weights (K,)`` come from ``self.queue.snapshot()`` taken before the
+        ``negatives (K, dim), weights (K,)`` come from :meth:`negatives` taken before the
         step's enqueue.
         """
         return self.criterion(q, k, negatives=negatives, negative_weights=weights)
@@ -239,11 +319,14 @@ class VideoMoCoModelConfig:
     T: float = 0.07
     temporal_decay: Optional[float] = 0.99999
     negative_weight_mode: Literal["logit", "exp"] = "logit"   # logit: official code; exp: paper Eq. 6
+    decay_ages: Literal["enqueue", "index"] = "enqueue"       # enqueue: official count; index: t^i per key
     drop_ratio: float = 0.25
     g_width: int = 16
     g_hidden: int = 128                   # official BiLSTM hidden_dim
-    g_objective: Literal["l1", "maximize_d"] = "l1"           # l1: official code; maximize_d: paper
-    g_loss_weight: Optional[float] = None  # None: 100 for l1 (official), 1 for maximize_d
+    g_straight_through: Literal["soft_mask", "official"] = "soft_mask"
+    # official: train.py's one-forward loop; l1: its G loss alone after a D step; maximize_d: paper Eq. 3
+    g_objective: Literal["official", "l1", "maximize_d"] = "official"
+    g_loss_weight: Optional[float] = None  # None: 100 for official and l1 (train.py), 1 for maximize_d
     adversarial_start_step: int = 0        # plain MoCo before this step (recipe: first 100 epochs)
 
 
@@ -278,7 +361,8 @@ class VideoMoCoConfig(ExperimentConfig):
 # the engine method
 # --------------------------------------------------------------------------------------------------
 class VideoMoCoMethod(Method):
-    """Models ``{"g": FrameDropGenerator, "d": VideoMoCo}``, one optimizer each; D step then G step."""
+    """Models ``{"g": FrameDropGenerator, "d": VideoMoCo}``, one optimizer each; the step order follows
+    ``model.g_objective`` (see the module docstring)."""
 
     config_class = VideoMoCoConfig
 
@@ -287,14 +371,18 @@ class VideoMoCoMethod(Method):
         m = cfg.model
         if m.adversarial_start_step < 0:
             raise ValueError(f"model.adversarial_start_step must be >= 0, got {m.adversarial_start_step}")
-        self.g_weight = m.g_loss_weight if m.g_loss_weight is not None else (100.0 if m.g_objective == "l1" else 1.0)
+        if m.g_objective not in ("official", "l1", "maximize_d"):
+            raise ValueError(f"model.g_objective must be 'official', 'l1' or 'maximize_d', got {m.g_objective!r}")
+        default_weight = 1.0 if m.g_objective == "maximize_d" else 100.0
+        self.g_weight = m.g_loss_weight if m.g_loss_weight is not None else default_weight
         self._eval_cache: dict | None = None
 
     def build_models(self, cfg: VideoMoCoConfig) -> dict[str, nn.Module]:
         m = cfg.model
         encoder = build_backbone(m.backbone, m.dim, m.backbone_width, m.mlp, m.weights_path)
-        return {"g": FrameDropGenerator(m.g_width, m.g_hidden, m.drop_ratio),
-                "d": VideoMoCo(encoder, m.dim, m.K, m.m, m.T, m.temporal_decay, m.negative_weight_mode)}
+        return {"g": FrameDropGenerator(m.g_width, m.g_hidden, m.drop_ratio, m.g_straight_through),
+                "d": VideoMoCo(encoder, m.dim, m.K, m.m, m.T, m.temporal_decay, m.negative_weight_mode,
+                               m.decay_ages)}
 
     def build_optimizers(self, cfg: VideoMoCoConfig, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
         trainable = {n: [p for p in models[n].parameters() if p.requires_grad] for n in ("g", "d")}
@@ -324,25 +412,37 @@ class VideoMoCoMethod(Method):
         adversarial = step >= m.adversarial_start_step
 
         # Keys (MoCo Alg. 1): momentum update, then the key encoder on a batch shuffled across ranks,
-        # so BN statistics cannot give the positive pair away (shuffle-BN).
+        # so BN statistics cannot give the positive pair away (shuffle-BN; identity in one process).
         with torch.no_grad():
             moco.momentum_update()
             shuffled, idx_unshuffle = batch_shuffle(im_k)
             k = batch_unshuffle(moco.key(shuffled), idx_unshuffle)   # (B, dim)
-        negatives, weights = moco.queue.snapshot()                    # (K, dim), (K,) before this step's enqueue
+        negatives, weights = moco.negatives()                         # (K, dim), (K,) before this step's enqueue
 
-        # 1) D: the dropped clip is the query; no gradient into G here.
-        if adversarial:
+        if not adversarial:                                           # MoCo-only warm-up: G idle
+            loss_d = moco.loss(d(im_q), k, negatives, weights)
+            ctx.backward(loss_d)
+            ctx.step("d")
+            loss_g = torch.zeros((), device=loss_d.device)
+        elif m.g_objective == "official":
+            # train.py::train: one forward; loss_g backward with D frozen; loss_d backward on top of
+            # G's gradients (not zeroed); both optimizers step.
             x_fake, _ = g(im_q)
-            q = d(x_fake.detach())
+            q_real, q_fake = d(im_q, x_fake)
+            loss_d = moco.loss(q_fake, k, negatives, weights)
+            with ctx.frozen("d"):
+                loss_g = -self.g_weight * F.l1_loss(q_fake, q_real)
+                ctx.backward(loss_g, retain_graph=True)
+            ctx.backward(loss_d)
+            ctx.step("g")
+            ctx.step("d")
         else:
-            q = d(im_q)                                               # MoCo-only warm-up
-        loss_d = moco.loss(q, k, negatives, weights)
-        ctx.backward(loss_d)
-        ctx.step("d")
-
-        # 2) G through the frozen (just updated) D.
-        if adversarial:
+            # 1) D: the dropped clip is the query; no gradient into G here.
+            x_fake, _ = g(im_q)
+            loss_d = moco.loss(d(x_fake.detach()), k, negatives, weights)
+            ctx.backward(loss_d)
+            ctx.step("d")
+            # 2) G through the frozen (just updated) D.
             with ctx.frozen("d"):
                 q_fake = moco(x_fake)
                 if m.g_objective == "l1":
@@ -352,11 +452,10 @@ class VideoMoCoMethod(Method):
                 elif m.g_objective == "maximize_d":
                     loss_g = -self.g_weight * moco.loss(q_fake, k, negatives, weights)
                 else:
-                    raise ValueError(f"model.g_objective must be 'l1' or 'maximize_d', got {m.g_objective!r}")
+                    raise ValueError(f"model.g_objective must be 'official', 'l1' or 'maximize_d', "
+                                     f"got {m.g_objective!r}")
             ctx.backward(loss_g)
             ctx.step("g")
-        else:
-            loss_g = torch.zeros((), device=loss_d.device)           # G idle during the warm-up
 
         moco.queue.enqueue(gather_no_grad(k))
         return {"loss_d": loss_d, "loss_g": loss_g}
