@@ -7,7 +7,7 @@ import torch
 
 from cmgen.losses import TwoC
 from text2image.contragan import ContraGANConfig, ContraGANMethod, Discriminator, DOutput, Generator
-from text2image.gan import hinge_d_loss, hinge_g_loss
+from text2image.gan import GANStep, hinge_d_loss, hinge_g_loss
 from text2image.layers import ConditionalBatchNorm2d, is_spectral_normed
 
 Z, C, E, S = 20, 5, 8, 32  # the shapes data has 5 classes
@@ -77,12 +77,12 @@ def test_losses_equal_hinge_plus_lambda_two_c(tmp_path):
     d = models["d"]
     y_r, y_f = torch.tensor([0, 1, 1, 2]), torch.tensor([2, 2, 0, 1])
     out_r, out_f = d(torch.randn(4, 3, S, S), y_r), d(torch.randn(4, 3, S, S), y_f)
-    terms = method.d_loss(out_r, out_f, y_r, y_f)
+    terms = method.d_loss(GANStep(0, "d", None, y_r, cond_fake=y_f, out_real=out_r, out_fake=out_f))
     two_c = TwoC(temperature=0.5, pos_collected_numerator=False)
     hinge = torch.relu(1 - out_r.logits).mean() + torch.relu(1 + out_f.logits).mean()
     torch.testing.assert_close(terms["d_adv"], hinge)
     torch.testing.assert_close(terms["d_2c"], 0.7 * two_c(out_r.embeddings, out_r.proxies, y_r))
-    g_terms = method.g_loss(out_f, y_f)
+    g_terms = method.g_loss(GANStep(0, "g", None, y_r, cond_fake=y_f, out_fake=out_f))
     torch.testing.assert_close(g_terms["g_adv"], -out_f.logits.mean())
     torch.testing.assert_close(g_terms["g_2c"], 0.7 * two_c(out_f.embeddings, out_f.proxies, y_f))
     # analytic hinge values
@@ -101,8 +101,8 @@ class _Ctx:
     def unwrap(self, name):
         return self.models[name]
 
-    def backward(self, loss):
-        loss.backward()
+    def backward(self, loss, **kwargs):
+        loss.backward(**kwargs)
 
     def step(self, name):
         self.calls.append(name)
@@ -158,7 +158,8 @@ def test_one_d_step_lowers_d_loss_on_fixed_batch(tmp_path):
 
     def loss():
         out = d(x, y)
-        return sum(method.d_loss(DOutput(*(t[:4] for t in out)), DOutput(*(t[4:] for t in out)), y[:4], y[4:]).values())
+        out_r, out_f = method.split_output(out, 4)
+        return sum(method.d_loss(GANStep(0, "d", x[:4], y[:4], cond_fake=y[4:], out_real=out_r, out_fake=out_f)).values())
 
     before = loss()
     before.backward()

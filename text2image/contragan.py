@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmgen.losses import TwoC
-from text2image.gan import GANConfig, GANMethod
-from text2image.layers import DBlock, GBlock, SelfAttention, sn_embedding, snconv2d, snlinear
+from text2image.gan import GANConfig, GANMethod, GANStep
+from text2image.layers import DBlock, GBlock, SelfAttention, init_weights, sn_embedding, snconv2d, snlinear
 
 __all__ = ["ContraGANModelConfig", "ShapesClassDataConfig", "ContraGANConfig", "DOutput", "Generator",
            "Discriminator", "ContraGANMethod"]
@@ -69,7 +69,7 @@ class Generator(nn.Module):
     """
 
     def __init__(self, z_dim: int = 80, shared_dim: int = 128, num_classes: int = 10, channels: int = 96,
-                 image_size: int = 32, attention_at: Optional[int] = 16, sn: bool = True):
+                 image_size: int = 32, attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho"):
         super().__init__()
         if image_size not in _G_ARCH:
             raise ValueError(f"image_size must be one of {sorted(_G_ARCH)}, got {image_size}")
@@ -95,6 +95,7 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.bn = nn.BatchNorm2d(in_ch, eps=1e-4)
         self.conv_out = snconv2d(in_ch, 3, 3, 1, 1, sn=sn)
+        init_weights(self, init)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.z_dim or y.shape != (z.shape[0],):
@@ -123,7 +124,7 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, channels: int = 96, embed_dim: int = 512, image_size: int = 32,
-                 attention_at: Optional[int] = 16, sn: bool = True):
+                 attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho"):
         super().__init__()
         if image_size not in _D_ARCH:
             raise ValueError(f"image_size must be one of {sorted(_D_ARCH)}, got {image_size}")
@@ -141,6 +142,7 @@ class Discriminator(nn.Module):
         self.linear1 = snlinear(in_ch, 1, sn=sn)
         self.linear2 = snlinear(in_ch, embed_dim, sn=sn)
         self.embedding = sn_embedding(num_classes, embed_dim, sn=sn)
+        init_weights(self, init)
 
     def forward(self, images: torch.Tensor, y: torch.Tensor) -> DOutput:
         if images.dim() != 4 or images.shape[1] != 3 or y.shape != (images.shape[0],):
@@ -166,6 +168,7 @@ class ContraGANModelConfig:
     embed_dim: int = 512                  # d_embed_dim
     attention_at: Optional[int] = 16      # apply_attn with attn_g_loc / attn_d_loc at 16x16
     sn_g: bool = True                     # apply_g_sn
+    init: str = "ortho"                   # g_init = d_init (text2image.layers.init_weights)
     cond_lambda: float = 1.0              # lambda of the 2C terms
     temperature: float = 1.0              # t
     pos_collected_numerator: bool = True
@@ -229,8 +232,9 @@ class ContraGANMethod(GANMethod):
         m = cfg.model
         self.num_classes = len(self._classes())
         return {"g": Generator(m.z_dim, m.shared_dim, self.num_classes, m.g_channels, m.image_size,
-                               m.attention_at, m.sn_g),
-                "d": Discriminator(self.num_classes, m.d_channels, m.embed_dim, m.image_size, m.attention_at)}
+                               m.attention_at, m.sn_g, m.init),
+                "d": Discriminator(self.num_classes, m.d_channels, m.embed_dim, m.image_size, m.attention_at,
+                                   init=m.init)}
 
     def build_dataset(self, cfg: ContraGANConfig):
         from text2image.data import class_conditional_imagefolder
@@ -239,7 +243,8 @@ class ContraGANMethod(GANMethod):
         return class_conditional_imagefolder(root, cfg.model.image_size, _random_hflip if cfg.data.hflip else None,
                                              (-1.0, 1.0), classes)
 
-    def sample_latents(self, n: int, device: torch.device, generator: torch.Generator | None = None):
+    def sample_latents(self, n: int, device: torch.device, generator: torch.Generator | None = None,
+                       cond_real=None):
         """z ~ N(0, I) (B, z_dim) and labels uniform over classes (StudioGAN ``y_sampler="totally_random"``)."""
         if self.num_classes is None:
             raise ValueError("build_models must run before sampling (the class count comes from the data)")
@@ -257,12 +262,14 @@ class ContraGANMethod(GANMethod):
         z, y = self._fixed
         return z.to(device), y.to(device)
 
-    def d_loss(self, out_real: DOutput, out_fake: DOutput, y_real, y_fake) -> dict[str, torch.Tensor]:
+    def d_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
+        """Hinge + ``lambda * 2C(e(x), p_y, y)`` on the reals with their real labels."""
         lam = self.cfg.model.cond_lambda
-        return {**super().d_loss(out_real, out_fake, y_real, y_fake),
-                "d_2c": lam * self.two_c(out_real.embeddings, out_real.proxies, y_real)}
+        return {**super().d_loss(s),
+                "d_2c": lam * self.two_c(s.out_real.embeddings, s.out_real.proxies, s.cond_real)}
 
-    def g_loss(self, out_fake: DOutput, y_fake) -> dict[str, torch.Tensor]:
+    def g_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
+        """Hinge + ``lambda * 2C(e(G(z, y')), p_y', y')`` on the fakes with their sampled labels."""
         lam = self.cfg.model.cond_lambda
-        return {**super().g_loss(out_fake, y_fake),
-                "g_2c": lam * self.two_c(out_fake.embeddings, out_fake.proxies, y_fake)}
+        return {**super().g_loss(s),
+                "g_2c": lam * self.two_c(s.out_fake.embeddings, s.out_fake.proxies, s.cond_fake)}

@@ -1,11 +1,45 @@
 """The shared skeleton of the GAN methods (ContraGAN, ContraD, XMC-GAN): config pieces, hinge losses,
-the ``n_dis`` D-steps-then-one-G-step loop, and sample grids from the EMA generator.
+the D-updates-then-G-update loop, and sample grids from the EMA generator.
 
-A variant subclasses :class:`GANMethod` and changes only what differs: its models
-(``build_models``), its data (``build_dataset`` / ``real_batch``), how D and G are called
-(``discriminate`` / ``generate``) and which terms join the adversarial hinge losses (``d_loss`` /
-``g_loss``, each returning named terms that are summed). ContraGAN, for example, only adds ``lambda * 2C``
-to each side.
+One training step (``GANMethod.train_step``) is the generic algorithm box::
+
+    split the loaded reals into n_dis chunks (gan.d_batches)
+    for each chunk except, with gan.g_step = "joint", the last:          # D-only updates
+        s = GANStep(real, cond_real);  s.z, s.cond_fake = sample_latents(n, cond_real=cond_real)
+        s.fake = generate(G, s.z, s.cond_fake)    without a graph, G's BN statistics frozen
+        s.out_real, s.out_fake = d_forward(D, s)  one D forward (default: D(cat[real, fake]))
+        D <- D - grad(sum d_loss(s))
+    G update on the last chunk's reals:
+        s.fake = generate(G, ...) with a graph
+        "separate": s.out_real, s.out_fake = g_forward(D frozen, s)          (default: out_real None)
+                    G <- G - grad(sum g_loss(s))
+        "joint"   : s.out_real, s.out_fake = d_forward(D, s)  (ONE forward, fakes attached to G)
+                    D <- D - grad_D(sum d_loss(s));  G <- G - grad_G(sum g_loss(s))
+                    (two backward passes restricted to each model's parameters: G terms never reach D,
+                    D terms never reach G; XMC-GAN ``train_g_d``)
+
+Hooks a variant overrides (everything else is the base's):
+
+- ``build_models`` / ``build_dataset`` (from :class:`cmgen.engine.Method`);
+- ``real_batch(batch) -> (images, cond_real)``;
+- ``sample_latents(n, device, generator=None, cond_real=None) -> (z, cond_fake)``: noise and the
+  conditions of ``n`` fakes. Class-conditional variants draw labels and ignore ``cond_real``;
+  text-conditional ones return the real batch's captions (``cond_real``) so fakes and reals share them;
+  ``cond_real`` is None when the sample grid draws its fixed inputs;
+- ``generate(g, z, cond) -> images`` and ``discriminate(d, images, cond) -> D output``;
+- ``d_forward(d, s) -> (out_real, out_fake)``: D's outputs for one D (or joint) update, from one forward
+  (ContraD: ``D(aug(cat[x, x, fake]))``, ``out_real`` holding both views);
+- ``g_forward(d, s) -> (out_real or None, out_fake)``: D's outputs in a separate G update, D frozen
+  (XMC-GAN: also D(real), for the image-image term);
+- ``d_loss(s)`` / ``g_loss(s) -> {name: scalar}``: named terms, summed and logged. ``s`` is a
+  :class:`GANStep` carrying ``step, phase ("d" | "g" | "joint"), real, cond_real, z, cond_fake, fake,
+  out_real, out_fake, ctx`` and a free ``extras`` dict for what a variant's forward hook wants its
+  losses to see;
+- ``concat_conditions(a, b)`` / ``split_output(out, n)`` for conditions / D outputs that are not a
+  tensor / a NamedTuple of batch-first tensors;
+- ``to_unit(images)``: map G's output range to [0, 1] for grids (``output_range`` class attribute).
+
+ContraGAN, for example, only adds ``lambda * 2C`` to each side's losses.
 
 Hinge loss (Lim & Ye 2017; Miyato et al. 2018, Eq. 16-17 of SAGAN):
 
@@ -14,6 +48,7 @@ Hinge loss (Lim & Ye 2017; Miyato et al. 2018, Eq. 16-17 of SAGAN):
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -25,7 +60,8 @@ from cmgen.config import ExperimentConfig, OptimConfig
 from cmgen.engine.method import Method, StepContext
 from cmgen.engine.schedules import build_optimizer
 
-__all__ = ["hinge_d_loss", "hinge_g_loss", "GANSettings", "GANConfig", "GANMethod"]
+__all__ = ["hinge_d_loss", "hinge_g_loss", "bn_statistics_frozen", "GANSettings", "GANConfig", "GANStep",
+           "GANMethod"]
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -38,16 +74,36 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
+@contextlib.contextmanager
+def bn_statistics_frozen(module: nn.Module):
+    """BatchNorm layers of ``module`` normalise with batch statistics but leave their running statistics
+    (and ``num_batches_tracked``) alone inside the block: StudioGAN ``utils/misc.py``
+    ``untrack_bn_statistics`` / ``track_bn_statistics`` around G's forward in ``train_discriminator``."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
 @dataclass
 class GANSettings:
     """The adversarial schedule shared by every GAN variant.
 
-    ``n_dis``: D updates per G update (StudioGAN ``d_updates_per_step``).
+    ``n_dis``: D updates per G update (StudioGAN ``d_updates_per_step``, XMC-GAN ``d_step_per_g_step``).
     ``d_batches``: where each D update's real images come from. ``"split"`` (default) cuts the loaded
     per-process batch into ``n_dis`` disjoint slices, one per D update, as StudioGAN draws a fresh real
     batch for each D update, so ``train.batch_size`` is ``n_dis`` times the per-update batch;
     ``"repeat"`` shows the whole batch to every D update. G and every D update see as many fakes as a
-    D update sees reals.
+    D update sees reals; the G update sees the last slice's reals and conditions.
+    ``g_step``: ``"separate"`` (StudioGAN, ContraD: G's update after the D updates, with D frozen) or
+    ``"joint"`` (XMC-GAN ``train_g_d``: the last of the ``n_dis`` D updates and the G update come from
+    one forward of G and D).
+    ``track_g_bn_in_d_steps``: let G's BatchNorm running statistics move while the D updates generate
+    fakes; False = StudioGAN's ``untrack_bn_statistics`` (only G's own update moves them).
     ``d_optim``: D's optimizer section; None uses ``optim`` for both G and D.
     ``samples_per_class`` x classes (or ``num_samples`` for unconditional/text variants) images in the
     grid, from fixed noise drawn with ``sample_seed``.
@@ -55,6 +111,8 @@ class GANSettings:
 
     n_dis: int = 5
     d_batches: Literal["split", "repeat"] = "split"
+    g_step: Literal["separate", "joint"] = "separate"
+    track_g_bn_in_d_steps: bool = False
     d_optim: Optional[OptimConfig] = None
     samples_per_class: int = 8
     sample_seed: int = 0
@@ -65,15 +123,40 @@ class GANConfig(ExperimentConfig):
     gan: GANSettings = field(default_factory=GANSettings)
 
 
-class GANMethod(Method):
-    """Base of the GAN methods: models ``"g"`` (generator) and ``"d"`` (discriminator).
+@dataclass
+class GANStep:
+    """What one D / G / joint update sees, filled in as it runs (see the module docstring).
 
-    Subclasses implement ``build_models``, ``build_dataset`` and :meth:`sample_latents`; they may
-    override :meth:`real_batch`, :meth:`generate`, :meth:`discriminate`, :meth:`d_loss`,
-    :meth:`g_loss` and :meth:`sample_inputs`.
+    ``phase``: ``"d"`` (D-only update), ``"g"`` (separate G update) or ``"joint"``. ``real`` (B, 3, H, W)
+    and ``cond_real`` are this update's reals; ``z``, ``cond_fake`` and ``fake`` its fakes (``fake`` carries
+    a graph into G in the ``"g"`` and ``"joint"`` phases); ``out_real`` / ``out_fake`` D's outputs;
+    ``ctx`` the engine's :class:`cmgen.engine.StepContext` (world size, device); ``extras`` free room for
+    a variant's hooks.
     """
 
+    step: int
+    phase: Literal["d", "g", "joint"]
+    real: torch.Tensor
+    cond_real: Any
+    z: Any = None
+    cond_fake: Any = None
+    fake: Optional[torch.Tensor] = None
+    out_real: Any = None
+    out_fake: Any = None
+    ctx: Optional[StepContext] = None
+    extras: dict = field(default_factory=dict)
+
+
+def _total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(terms.values())).sum()
+
+
+class GANMethod(Method):
+    """Base of the GAN methods: models ``"g"`` (generator) and ``"d"`` (discriminator); hooks in the
+    module docstring."""
+
     config_class = GANConfig
+    output_range: tuple[float, float] = (-1.0, 1.0)   # G's image range, mapped to [0, 1] for grids
 
     def __init__(self, cfg: GANConfig):
         super().__init__(cfg)
@@ -82,6 +165,10 @@ class GANMethod(Method):
             raise ValueError(f"gan.n_dis must be >= 1, got {s.n_dis}")
         if s.samples_per_class < 1:
             raise ValueError(f"gan.samples_per_class must be >= 1, got {s.samples_per_class}")
+        if s.d_batches not in ("split", "repeat"):
+            raise ValueError(f"gan.d_batches must be 'split' or 'repeat', got {s.d_batches!r}")
+        if s.g_step not in ("separate", "joint"):
+            raise ValueError(f"gan.g_step must be 'separate' or 'joint', got {s.g_step!r}")
         if cfg.train.grad_accum != 1:
             raise ValueError(f"GAN methods need train.grad_accum = 1 (sequential D and G updates), "
                              f"got {cfg.train.grad_accum}")
@@ -99,73 +186,106 @@ class GANMethod(Method):
         return images, cond
 
     @abc.abstractmethod
-    def sample_latents(self, n: int, device: torch.device, generator: torch.Generator | None = None):
-        """``(z, condition)`` for ``n`` fakes: noise and the labels / captions they are conditioned on."""
+    def sample_latents(self, n: int, device: torch.device, generator: torch.Generator | None = None,
+                       cond_real: Any = None):
+        """``(z, cond_fake)`` for ``n`` fakes: noise and the labels / captions they are conditioned on.
+        ``cond_real`` (the real batch's conditions, None for the sample grid) is there for variants whose
+        fakes take the reals' conditions."""
 
     def generate(self, g: nn.Module, z: torch.Tensor, cond: Any) -> torch.Tensor:
         return g(z, cond)
 
     def discriminate(self, d: nn.Module, images: torch.Tensor, cond: Any) -> Any:
-        """D's output for ``images``; must carry ``.logits`` (B,)."""
+        """D's output for ``images``; the default losses read ``.logits`` (B,)."""
         return d(images, cond)
 
-    def d_loss(self, out_real: Any, out_fake: Any, cond_real: Any, cond_fake: Any) -> dict[str, torch.Tensor]:
+    def d_forward(self, d: nn.Module, s: GANStep) -> tuple[Any, Any]:
+        """D's outputs on reals and fakes of a D / joint update. Default: one forward over
+        ``cat[real, fake]`` (D has no batch statistics, so this equals two forwards, and under DDP keeps
+        one forward per backward)."""
+        out = self.discriminate(d, torch.cat([s.real, s.fake]), self.concat_conditions(s.cond_real, s.cond_fake))
+        return self.split_output(out, s.real.shape[0])
+
+    def g_forward(self, d: nn.Module, s: GANStep) -> tuple[Any, Any]:
+        """D's outputs in a separate G update (D frozen); default ``(None, D(fake))``."""
+        return None, self.discriminate(d, s.fake, s.cond_fake)
+
+    def d_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         """Named D loss terms, summed into ``d_loss``."""
-        return {"d_adv": hinge_d_loss(out_real.logits, out_fake.logits)}
+        return {"d_adv": hinge_d_loss(s.out_real.logits, s.out_fake.logits)}
 
-    def g_loss(self, out_fake: Any, cond_fake: Any) -> dict[str, torch.Tensor]:
+    def g_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         """Named G loss terms, summed into ``g_loss``."""
-        return {"g_adv": hinge_g_loss(out_fake.logits)}
+        return {"g_adv": hinge_g_loss(s.out_fake.logits)}
 
-    # --- the shared loop ------------------------------------------------------------------------
-    def _concat(self, a: Any, b: Any) -> Any:
+    def concat_conditions(self, a: Any, b: Any) -> Any:
         if isinstance(a, torch.Tensor):
             return torch.cat([a, b])
-        raise TypeError(f"cannot concatenate conditions of type {type(a).__name__}; override _concat")
+        raise TypeError(f"cannot concatenate conditions of type {type(a).__name__}; override concat_conditions")
 
-    def _split(self, out: Any, n: int) -> tuple[Any, Any]:
+    def split_output(self, out: Any, n: int) -> tuple[Any, Any]:
         """Split a D output over ``cat([real, fake])`` back into the real and the fake part."""
         return type(out)(*(t[:n] for t in out)), type(out)(*(t[n:] for t in out))
 
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """G's output mapped from ``output_range`` to [0, 1], clamped."""
+        lo, hi = self.output_range
+        return ((images.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+    # --- the shared loop ------------------------------------------------------------------------
+    def d_chunks(self, images: torch.Tensor, cond: Any) -> list[tuple[torch.Tensor, Any]]:
+        """The reals of each of the ``n_dis`` D updates (``gan.d_batches``)."""
+        s, b = self.cfg.gan, images.shape[0]
+        if s.d_batches == "repeat":
+            return [(images, cond)] * s.n_dis
+        if b % s.n_dis:
+            raise ValueError(f"gan.d_batches='split' needs the per-process batch ({b}) divisible by "
+                             f"gan.n_dis ({s.n_dis})")
+        per = b // s.n_dis
+        return [(images[i * per:(i + 1) * per], cond[i * per:(i + 1) * per]) for i in range(s.n_dis)]
+
+    def new_step(self, step: int, phase: str, real: torch.Tensor, cond_real: Any, ctx: StepContext) -> GANStep:
+        """A :class:`GANStep` with this update's reals and freshly drawn ``z``, ``cond_fake``."""
+        s = GANStep(step=step, phase=phase, real=real, cond_real=cond_real, ctx=ctx)
+        s.z, s.cond_fake = self.sample_latents(real.shape[0], ctx.device, cond_real=cond_real)
+        return s
+
     def train_step(self, batch: Any, step: int, ctx: StepContext) -> dict[str, torch.Tensor]:
-        s = self.cfg.gan
+        cfg = self.cfg.gan
         if ctx.grad_accum != 1:
             raise ValueError(f"GAN methods need grad_accum = 1, got {ctx.grad_accum}")
-        images, cond = self.real_batch(batch)
-        b = images.shape[0]
-        if s.d_batches == "split":
-            if b % s.n_dis:
-                raise ValueError(f"gan.d_batches='split' needs the per-process batch ({b}) divisible by "
-                                 f"gan.n_dis ({s.n_dis})")
-            per = b // s.n_dis
-            chunks = [(images[i * per:(i + 1) * per], cond[i * per:(i + 1) * per]) for i in range(s.n_dis)]
-        elif s.d_batches == "repeat":
-            per, chunks = b, [(images, cond)] * s.n_dis
-        else:
-            raise ValueError(f"gan.d_batches must be 'split' or 'repeat', got {s.d_batches!r}")
+        chunks = self.d_chunks(*self.real_batch(batch))
+        joint = cfg.g_step == "joint"
         g, d, raw_g = ctx.models["g"], ctx.models["d"], ctx.unwrap("g")
+        d_terms: dict[str, torch.Tensor] = {}
 
-        for real, cond_real in chunks:
-            with torch.no_grad():
-                z, cond_fake = self.sample_latents(per, ctx.device)
-                fake = self.generate(raw_g, z, cond_fake)
-            # D has no batch statistics, so one forward over [real; fake] equals two forwards (and under DDP
-            # keeps one forward per backward).
-            out = self.discriminate(d, torch.cat([real, fake]), self._concat(cond_real, cond_fake))
-            out_real, out_fake = self._split(out, real.shape[0])
-            d_terms = self.d_loss(out_real, out_fake, cond_real, cond_fake)
-            d_total = torch.stack(list(d_terms.values())).sum()
-            ctx.backward(d_total)
+        for real, cond_real in chunks[:-1] if joint else chunks:            # D-only updates
+            s = self.new_step(step, "d", real, cond_real, ctx)
+            bn = contextlib.nullcontext() if cfg.track_g_bn_in_d_steps else bn_statistics_frozen(raw_g)
+            with torch.no_grad(), bn:
+                s.fake = self.generate(raw_g, s.z, s.cond_fake)
+            s.out_real, s.out_fake = self.d_forward(d, s)
+            d_terms = self.d_loss(s)
+            ctx.backward(_total(d_terms))
             ctx.step("d")
 
-        z, cond_fake = self.sample_latents(per, ctx.device)
-        fake = self.generate(g, z, cond_fake)
-        with ctx.frozen("d"):
-            g_terms = self.g_loss(self.discriminate(ctx.unwrap("d"), fake, cond_fake), cond_fake)
-            g_total = torch.stack(list(g_terms.values())).sum()
-        ctx.backward(g_total)
+        s = self.new_step(step, "joint" if joint else "g", *chunks[-1], ctx)
+        s.fake = self.generate(g, s.z, s.cond_fake)
+        if joint:
+            s.out_real, s.out_fake = self.d_forward(d, s)
+            d_terms, g_terms = self.d_loss(s), self.g_loss(s)
+            d_params = [p for p in ctx.unwrap("d").parameters() if p.requires_grad]
+            g_params = [p for p in raw_g.parameters() if p.requires_grad]
+            ctx.backward(_total(d_terms), inputs=d_params, retain_graph=True)
+            ctx.backward(_total(g_terms), inputs=g_params)
+            ctx.step("d")
+        else:
+            with ctx.frozen("d"):
+                s.out_real, s.out_fake = self.g_forward(ctx.unwrap("d"), s)
+                g_terms = self.g_loss(s)
+            ctx.backward(_total(g_terms))
         ctx.step("g")
-        return {"d_loss": d_total.detach(), "g_loss": g_total.detach(),
+        return {"d_loss": _total(d_terms).detach(), "g_loss": _total(g_terms).detach(),
                 **{k: v.detach() for k, v in {**d_terms, **g_terms}.items()}}
 
     # --- samples --------------------------------------------------------------------------------
@@ -189,4 +309,4 @@ class GANMethod(Method):
         g.eval()
         images = self.generate(g, z, cond)
         g.train(was_training)
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return self.to_unit(images)

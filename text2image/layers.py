@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-__all__ = ["SN_EPS", "snconv2d", "snlinear", "sn_embedding", "is_spectral_normed", "ConditionalBatchNorm2d",
+__all__ = ["SN_EPS", "init_weights", "snconv2d", "snlinear", "sn_embedding", "is_spectral_normed", "ConditionalBatchNorm2d",
            "GBlock", "DBlock", "SelfAttention"]
 
 SN_EPS = 1e-6  # StudioGAN ops.snconv2d / snlinear / sn_embedding
@@ -29,6 +29,45 @@ SN_EPS = 1e-6  # StudioGAN ops.snconv2d / snlinear / sn_embedding
 
 def _sn(module: nn.Module, enabled: bool) -> nn.Module:
     return spectral_norm(module, eps=SN_EPS) if enabled else module
+
+
+def _raw_weight(module: nn.Module) -> torch.Tensor:
+    """The trainable weight: the original behind a spectral-norm parametrization, else ``weight``."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, kind: str = "ortho") -> nn.Module:
+    """Re-initialise every Conv2d / ConvTranspose2d / Linear / Embedding weight below ``module``
+    (StudioGAN ``src/utils/ops.py`` ``init_weights``, commit 947b35e9835b67860fdce44d337f6d7fee7c8db3):
+
+    - ``"ortho"``: ``nn.init.orthogonal_`` (StudioGAN ``g_init = d_init = "ortho"``), biases 0;
+    - ``"N02"``: N(0, 0.02), biases 0;  ``"glorot"`` / ``"xavier"``: Xavier-uniform, biases 0;
+    - ``"pytorch"``: keep PyTorch's default initialisation.
+
+    Under spectral norm the unnormalised weight (the parametrization's ``original``) is initialised, as
+    StudioGAN's in-place init of ``weight`` writes into ``weight_orig``'s storage. Embedding rows get no
+    bias. Returns ``module``.
+    """
+    if kind not in ("ortho", "N02", "glorot", "xavier", "pytorch"):
+        raise ValueError(f"init must be one of ortho, N02, glorot, xavier, pytorch; got {kind!r}")
+    if kind == "pytorch":
+        return module
+    for m in module.modules():
+        if not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
+            continue
+        w = _raw_weight(m)
+        if kind == "ortho":
+            nn.init.orthogonal_(w)
+        elif kind == "N02":
+            nn.init.normal_(w, 0.0, 0.02)
+        else:
+            nn.init.xavier_uniform_(w)
+        if not isinstance(m, nn.Embedding) and m.bias is not None:
+            m.bias.zero_()
+    return module
 
 
 def snconv2d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1,
