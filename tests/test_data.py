@@ -300,12 +300,60 @@ def test_moving_digits_msrvtt_files(digits_dir):
     assert max(videos[i]["id"] for i in train_ids) < min(videos[r["video_id"]]["id"] for r in rows)
 
 
+def _dirty_heap(seed: int) -> None:
+    """Leave freed, non-zero memory on the heap, where an encoder that reads memory it never wrote picks
+    it up (libx264's assembly did: the bytes of a clip changed with what ran before, see video_io.py)."""
+    rng = np.random.default_rng(seed)
+    junk = [rng.integers(1, 256, size=int(n), dtype=np.uint8) for n in rng.integers(1_000, 400_000, size=30)]
+    del junk
+
+
 def test_moving_digits_deterministic(digits_dir, tmp_path):
+    """The promise of cmgen.data.video_io: same seed -> same annotation files and same decoded frames on
+    any machine, and same mp4 bytes for one PyAV build on one architecture (checked here on this one)."""
+    from cmgen.data import h264_encoder
+
+    _dirty_heap(0)
     write_moving_digits(tmp_path / "again", seed=5, **DIGITS_KW)
+    _dirty_heap(1)
     write_moving_digits(tmp_path / "other", seed=6, **DIGITS_KW)
-    reference = _hashes(digits_dir)
-    assert _hashes(tmp_path / "again") == reference
-    assert _hashes(tmp_path / "other") != reference
+    reference, again, other = _hashes(digits_dir), _hashes(tmp_path / "again"), _hashes(tmp_path / "other")
+    assert set(again) == set(other) == set(reference)
+    videos = sorted(k for k in reference if k.endswith(".mp4"))
+    assert len(videos) == 48
+    annotations = [k for k in reference if not k.endswith(".mp4")]
+    assert {k: again[k] for k in annotations} == {k: reference[k] for k in annotations}
+    assert any(other[k] != reference[k] for k in annotations)
+    n_changed = 0
+    for k in videos:
+        frames = _read_video(digits_dir / k)
+        np.testing.assert_array_equal(_read_video(tmp_path / "again" / k), frames, err_msg=k)
+        n_changed += not np.array_equal(_read_video(tmp_path / "other" / k), frames)
+    assert n_changed >= len(videos) // 2  # another seed moves other digits from other places
+    if h264_encoder() == "libx264":
+        assert {k: again[k] for k in videos} == {k: reference[k] for k in videos}
+
+
+def test_rgb_to_yuv420p():
+    from cmgen.data.video_io import rgb_to_yuv420p
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
+    yuv = rgb_to_yuv420p(rgb).astype(np.int64)
+    assert yuv.shape == (6, 6)
+    y, cb, cr = yuv[:4].ravel(), yuv[4:].ravel()[:6], yuv[4:].ravel()[6:]
+    # slow reference: BT.601 limited range, float, then 2x2 means of full-resolution chroma
+    r, g, b = (rgb[..., c].astype(np.float64) for c in range(3))
+    y_ref = 16 + (65.738 * r + 129.057 * g + 25.064 * b) / 256
+    cb_ref = 128 + (-37.945 * r - 74.494 * g + 112.439 * b) / 256
+    cr_ref = 128 + (112.439 * r - 94.154 * g - 18.285 * b) / 256
+    assert np.abs(y - y_ref.ravel()).max() <= 1.0
+    for got, ref in ((cb, cb_ref), (cr, cr_ref)):
+        pooled = ref.reshape(2, 2, 3, 2).mean(axis=(1, 3)).ravel()
+        assert np.abs(got - pooled).max() <= 1.5
+    gray = np.repeat(np.arange(0, 256, 8, dtype=np.uint8).reshape(4, 8, 1), 3, axis=-1)
+    yuv = rgb_to_yuv420p(gray)
+    assert (yuv[4:] == 128).all() and yuv[0, 0] == 16 and yuv[3, 7] == 16 + (248 * 220 + 128) // 256
 
 
 def test_moving_digits_digit_label(tmp_path):

@@ -1,7 +1,8 @@
 """Output-directory handling shared by the embedded dataset writers.
 
 Every dataset writes ``dataset_info.json`` last, so its presence marks a complete dataset. Files hold
-only paths relative to the dataset root, so the same seed gives the same bytes wherever it is written.
+only paths relative to the dataset root, so the same seed gives the same annotation bytes wherever it is
+written (videos: see :mod:`cmgen.data.video_io` for what is promised).
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import Any, Callable
 __all__ = ["INFO_FILE", "FORMAT_VERSION", "prepare_out_dir", "write_json", "write_text", "ensure_dataset"]
 
 INFO_FILE = "dataset_info.json"
-# Bumped whenever a writer's output changes for the same arguments.
-FORMAT_VERSION = 1
+# Bumped whenever a writer's output changes for the same arguments (2: moving-digits colour conversion in
+# numpy and libx264 without assembly).
+FORMAT_VERSION = 2
 
 # Top-level entries each writer owns; --overwrite removes these and nothing else, so pointing --out at a
 # directory holding other files never deletes them.

@@ -5,7 +5,9 @@ inside the wheel), upscaled bilinearly to ``digit_size`` px and pasted on a blac
 canvas. A digit moves in a straight line at ``speed`` px per frame along each moving axis (so a diagonal
 step is ``speed`` px in x AND in y) for ``num_frames`` frames. Start positions are drawn so the digit stays
 fully inside the canvas for the whole clip: no bouncing or wrapping, the direction label holds for every
-frame. Grayscale is replicated to RGB and encoded yuv420p H.264 (libx264, deterministic settings).
+frame. Grayscale is replicated to RGB and encoded yuv420p H.264 (libx264 with the reproducible settings of
+:mod:`cmgen.data.video_io`: the same seed gives the same annotation files and decoded frames on any
+machine, and the same mp4 bytes for one PyAV build on one architecture).
 
 Class (``label``): ``"direction"`` (default; 8 action-like classes ``MoveDown`` ... ``MoveUpRight``, the
 UCF101 use: recognise the motion whatever the digit) or ``"digit"`` (10 classes ``Digit0`` ...). Class
@@ -293,5 +295,8 @@ def _readme(config: dict[str, Any], counts: dict[str, int]) -> str:
         f"Classes (`label={config['label']}`): see `ucf101/ucfTrainTestlist/classInd.txt`. A digit moves "
         f"{config['speed']} px/frame along each moving axis and stays inside the canvas for all "
         f"{config['num_frames']} frames (no bounce, no wrap). Videos are H.264 yuv420p mp4 at "
-        f"{config['fps']} fps.\n\nLayout:\n\n```\n" + textwrap.dedent(doc).strip("\n") + "\n```\n"
+        f"{config['fps']} fps.\n\nReproducibility: the same config gives the same annotation files and the same "
+        "decoded frames on any machine, and the same mp4 bytes with the same PyAV/libx264 build on the same "
+        "CPU architecture (libx264 runs without assembly, in one thread).\n\nLayout:\n\n```\n"
+        + textwrap.dedent(doc).strip("\n") + "\n```\n"
     )
