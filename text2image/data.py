@@ -37,8 +37,11 @@ def _check_range(value_range: Sequence[float]) -> tuple[float, float]:
 
 
 def load_image(path: str | os.PathLike, image_size: int | None = None,
-               value_range: Sequence[float] = (-1.0, 1.0)) -> torch.Tensor:
-    """Read an image file as RGB, resize to ``image_size`` (square, bilinear + antialias) if given.
+               value_range: Sequence[float] = (-1.0, 1.0), antialias: bool = True) -> torch.Tensor:
+    """Read an image file as RGB, resize to ``image_size`` (square, bilinear) if given.
+
+    ``antialias=False`` is plain bilinear interpolation, as ``tf.image.resize(method="bilinear")`` (XMC-GAN's
+    ``coco_dataset.py::preprocess``); True (default) low-pass filters first when shrinking.
 
     Returns:
         ``(3, H, W)`` float32 with pixel 0 -> ``value_range[0]`` and 255 -> ``value_range[1]``.
@@ -49,7 +52,7 @@ def load_image(path: str | os.PathLike, image_size: int | None = None,
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
     if image_size is not None and tuple(x.shape[1:]) != (image_size, image_size):
         x = F.interpolate(x[None], size=(image_size, image_size), mode="bilinear", align_corners=False,
-                          antialias=True)[0].clamp_(0.0, 1.0)
+                          antialias=antialias)[0].clamp_(0.0, 1.0)
     return x * (high - low) + low
 
 
@@ -78,6 +81,10 @@ class CocoCaptions(Dataset):
         missing: ``"error"`` (default) raises ``FileNotFoundError`` naming the first missing image when the
             dataset is built (files are checked once, here); ``"skip"`` drops those images and records
             them in ``missing_files`` (their count is ``num_missing``).
+        antialias: passed to :func:`load_image` (False = plain bilinear, as XMC-GAN's TF pipeline).
+
+    A malformed entry of ``images`` or ``annotations`` (missing ``id`` / ``file_name`` / ``image_id`` /
+    ``caption``, or a non-integer id) raises ``ValueError`` naming the file and the entry.
 
     Images without any caption are dropped (``num_uncaptioned``); items keep the JSON's image order.
 
@@ -89,7 +96,8 @@ class CocoCaptions(Dataset):
     def __init__(self, root: str | os.PathLike, ann_file: str | os.PathLike, image_dir: str | os.PathLike,
                  image_size: int | None = None, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  caption: str = "random", tokenizer: Any = None, max_tokens: int = 17,
-                 value_range: Sequence[float] = (-1.0, 1.0), seed: int | None = None, missing: str = "error"):
+                 value_range: Sequence[float] = (-1.0, 1.0), seed: int | None = None, missing: str = "error",
+                 antialias: bool = True):
         if caption not in _CAPTION_MODES:
             raise ValueError(f"caption must be one of {_CAPTION_MODES}, got {caption!r}")
         if missing not in _MISSING_MODES:
@@ -109,6 +117,7 @@ class CocoCaptions(Dataset):
         self.value_range = _check_range(value_range)
         self.seed = seed
         self.epoch = 0
+        self.antialias = antialias
 
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"COCO captions file not found: {self.ann_file}")
@@ -118,14 +127,26 @@ class CocoCaptions(Dataset):
             if key not in coco:
                 raise ValueError(f"{self.ann_file} is not a COCO captions file: no {key!r} key "
                                  f"(keys: {sorted(coco)})")
-        images = {int(im["id"]): im["file_name"] for im in coco["images"]}
+        images: dict[int, str] = {}
+        for i, im in enumerate(coco["images"]):
+            try:
+                images[int(im["id"])] = str(im["file_name"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{self.ann_file}: malformed images[{i}] = {str(im)[:200]} "
+                                 f"({type(e).__name__}: {e})") from e
         by_image: dict[int, list[tuple[int, str]]] = {}
-        for ann in coco["annotations"]:
-            image_id = int(ann["image_id"])
+        for i, ann in enumerate(coco["annotations"]):
+            try:
+                image_id, ann_id, text = int(ann["image_id"]), int(ann["id"]), ann["caption"]
+                if not isinstance(text, str):
+                    raise TypeError(f"caption is {type(text).__name__}, not str")
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{self.ann_file}: malformed annotations[{i}] = {str(ann)[:200]} "
+                                 f"({type(e).__name__}: {e})") from e
             if image_id not in images:
-                raise ValueError(f"{self.ann_file}: annotation {ann.get('id')} refers to image_id {image_id}, "
+                raise ValueError(f"{self.ann_file}: annotation {ann_id} refers to image_id {image_id}, "
                                  "which is not in 'images'")
-            by_image.setdefault(image_id, []).append((int(ann["id"]), str(ann["caption"]).strip()))
+            by_image.setdefault(image_id, []).append((ann_id, text.strip()))
 
         self.ids: list[int] = []
         self.file_names: list[str] = []
@@ -179,10 +200,15 @@ class CocoCaptions(Dataset):
         squeeze = isinstance(text, str)
         return {k: (enc[k][0] if squeeze else enc[k]).long() for k in ("input_ids", "attention_mask")}
 
+    def load(self, index: int) -> torch.Tensor:
+        """The ``(3, H, W)`` image of item ``index`` in ``value_range``, before ``transform``."""
+        return load_image(self.image_dir / self.file_names[index], self.image_size, self.value_range,
+                          self.antialias)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        image = load_image(self.image_dir / self.file_names[index], self.image_size, self.value_range)
+        image = self.load(index)
         if self.transform is not None:
             image = self.transform(image)
         if self.caption == "all":
