@@ -80,8 +80,17 @@ class TrainConfig:
     ``batch_size`` is the GLOBAL batch of one optimizer step; each process gets
     ``batch_size / (world_size * grad_accum)`` samples per micro-batch (an error if not divisible).
     ``*_every`` count optimizer steps; 0 turns the hook off. ``keep_last=None`` keeps every checkpoint.
-    ``data_seeding``: how random augmentation is seeded (:mod:`cmgen.engine.data`); ``"sample"`` makes
-    it independent of the number of processes, ``"batch"`` (cheaper) of workers and resumes only.
+    ``data_seeding``: how random augmentation is seeded (:mod:`cmgen.engine.data`); ``"sample"``
+    (default) makes it independent of the number of processes, workers and resume point, so 1 process
+    and N processes see the same augmented global batch; ``"batch"`` only of workers and resumes.
+
+    Scale-out and devices: ``collective_timeout_s`` bounds how long a rank waits in a collective for a
+    dead or hung peer before it fails (process-group timeout). ``pin_memory`` (None = on CUDA) pins
+    loader batches, which are then copied with ``non_blocking=True``. ``tf32`` allows TF32 matmuls and
+    convolutions on Ampere+ GPUs. ``channels_last`` stores the 4-D weights of 2-D conv models (and 4-D
+    float batch tensors) as NHWC; models with 5-D weights (video) stay as they are. ``compile`` wraps
+    every model's forward in ``torch.compile`` (``compile_backend``, ``compile_mode``) in place, so
+    state dicts and checkpoints keep their keys.
     """
 
     max_steps: int = 1000
@@ -96,11 +105,18 @@ class TrainConfig:
     eval_every: int = 0
     num_workers: int = 0
     shuffle: bool = True
-    data_seeding: Literal["batch", "sample", "off"] = "batch"
+    data_seeding: Literal["batch", "sample", "off"] = "sample"
     cpu: bool = False
     find_unused_parameters: bool = False
     progress_bar: bool = True
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    collective_timeout_s: float = 1800.0
+    pin_memory: Optional[bool] = None
+    tf32: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: Optional[str] = None
 
 
 @dataclass

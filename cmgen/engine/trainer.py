@@ -19,6 +19,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration,
+                               send_to_device, set_seed)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,9 +37,10 @@ from cmgen.config import ExperimentConfig, to_yaml
 from cmgen.distributed import all_reduce_mean
 from cmgen.engine.checkpoint import (clean_temporary, latest_checkpoint, list_checkpoints, read_engine_state,
                                      save_checkpoint, STATE_FILE)
-from cmgen.engine.data import ResumableLoader
+from cmgen.engine.data import ResumableLoader, mix_seed
 from cmgen.engine.ema import EMA
 from cmgen.engine.method import Method, StepContext
+from cmgen.engine.probe import StepProbe
 from cmgen.engine.registry import resolve_method
 from cmgen.engine.schedules import build_scheduler
 
@@ -84,7 +87,8 @@ def _validate(cfg: ExperimentConfig) -> None:
               ("train.sample_every", t.sample_every, t.sample_every >= 0),
               ("train.eval_every", t.eval_every, t.eval_every >= 0),
               ("train.keep_last", t.keep_last, t.keep_last is None or t.keep_last >= 1),
-              ("train.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0)]
+              ("train.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0),
+              ("train.collective_timeout_s", t.collective_timeout_s, t.collective_timeout_s > 0)]
     for key, value, ok in checks:
         if not ok:
             raise ValueError(f"invalid {key}={value}")
@@ -111,7 +115,10 @@ def train(cfg: ExperimentConfig, method_cls: type[Method] | None = None) -> Trai
         cpu=_use_cpu(cfg),
         log_with=list(cfg.train.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)],
+        # The process-group timeout bounds every collective: a rank whose peer died or hangs fails
+        # after collective_timeout_s instead of waiting forever (the launcher then stops the rest).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters),
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
         step_scheduler_with_optimizer=False,
     )
     try:
@@ -127,6 +134,19 @@ def train(cfg: ExperimentConfig, method_cls: type[Method] | None = None) -> Trai
             dist.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=owned_group)
         GradientState._reset_state()
+
+
+def _channels_last(batch: Any) -> Any:
+    """4-D floating-point tensors of a batch (images) in channels_last memory format."""
+    if torch.is_tensor(batch):
+        if batch.dim() == 4 and batch.is_floating_point():
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, dict):
+        return {k: _channels_last(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_channels_last(v) for v in batch)
+    return batch
 
 
 class _Trainer:
@@ -170,6 +190,7 @@ class _Trainer:
         models = self.method.build_models(cfg)
         if not isinstance(models, dict) or not models or not all(isinstance(m, nn.Module) for m in models.values()):
             raise ValueError(f"build_models must return a non-empty dict of nn.Module, got {models!r}")
+        self._device_options(models)
         optimizers = self.method.build_optimizers(cfg, models)
         schedulers = {n: build_scheduler(opt, cfg.schedule, cfg.train.max_steps) for n, opt in optimizers.items()}
         dataset = self.method.build_dataset(cfg)
@@ -194,6 +215,10 @@ class _Trainer:
                 raise ValueError(f"ema.models names {n!r}, but the method's models are {list(models)}")
         self.ema = {n: EMA(acc.unwrap_model(self.models[n]), cfg.ema.decay, cfg.ema.start_step).to(acc.device)
                     for n in cfg.ema.models}
+        if cfg.train.compile:
+            # In place (nn.Module.compile): DDP wrappers, EMA copies and state-dict keys are unchanged.
+            for m in models.values():
+                m.compile(backend=cfg.train.compile_backend, mode=cfg.train.compile_mode)
 
         custom: list[tuple[str, Any]] = [(f"scheduler/{n}", s) for n, s in schedulers.items()]
         custom += [(f"ema/{n}", e) for n, e in self.ema.items()]
@@ -208,7 +233,7 @@ class _Trainer:
                                {n: e.module for n, e in self.ema.items()})
         self.loader = ResumableLoader(dataset, cfg.train.batch_size // cfg.train.grad_accum, acc.process_index,
                                       acc.num_processes, cfg.run.seed, cfg.train.num_workers, self.method.collate_fn(),
-                                      cfg.train.shuffle, pin_memory=acc.device.type == "cuda",
+                                      cfg.train.shuffle, pin_memory=self._pin_memory(),
                                       seeding=cfg.train.data_seeding)
         self.step = 0
         if resume_from is not None:
@@ -220,11 +245,13 @@ class _Trainer:
             acc.load_state(str(resume_from))  # also restores every process's RNG state
             self.step = int(state["step"])
             self.loader.load_state_dict(state["data"])
+            self._rescale_note(resume_from, int(state.get("world_size", acc.num_processes)))
             self.last_checkpoint = resume_from
         else:
             # Per-process training randomness (noise, dropout) must differ between ranks.
             set_seed(cfg.run.seed, device_specific=True)
         self.resumed_from = resume_from
+        self.probe = StepProbe.from_env(acc.process_index, acc.num_processes)
 
         self.config_yaml = to_yaml(cfg)
         if acc.is_main_process:
@@ -234,6 +261,45 @@ class _Trainer:
             self._truncate_metrics(self.step)
         if cfg.train.trackers:
             acc.init_trackers("tensorboard" if "tensorboard" in cfg.train.trackers else cfg.run.name)
+
+    def _pin_memory(self) -> bool:
+        pin = self.cfg.train.pin_memory
+        return self.acc.device.type == "cuda" if pin is None else bool(pin)
+
+    def _device_options(self, models: dict[str, nn.Module]) -> None:
+        """``train.tf32`` (CUDA matmul + cuDNN) and ``train.channels_last`` (models without 5-D tensors)."""
+        tc = self.cfg.train
+        if self.acc.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tc.tf32
+            torch.backends.cudnn.allow_tf32 = tc.tf32
+        if tc.channels_last:
+            for m in models.values():
+                tensors = [*m.parameters(), *m.buffers()]
+                if any(t.dim() == 4 for t in tensors) and not any(t.dim() == 5 for t in tensors):
+                    m.to(memory_format=torch.channels_last)
+
+    def _rescale_note(self, ckpt: Path, saved_world: int) -> None:
+        """Resuming at another number of processes works; this is what changes (printed on rank 0).
+
+        Carried over exactly: models (with queues and BN statistics), optimizers, schedules, EMA,
+        method state and the data position, which is stored in samples into the epoch (the global batch
+        is the same for any world size). Not carried over: the per-process RNG streams (random_states_r
+        exist for the old ranks only). Every process is therefore re-seeded from (run.seed, step, rank),
+        so noise drawn in ``train_step`` (GAN z, dropout, ``model.input_noise``) differs from what either
+        the old or an uninterrupted new-size run would draw. Augmentation inside the dataset continues
+        identically with ``train.data_seeding=sample`` (the default) and changes with ``batch``.
+        """
+        world = self.acc.num_processes
+        if saved_world == world:
+            return
+        set_seed(mix_seed(self.cfg.run.seed, self.step, 3) % 2**31, device_specific=True)
+        if self.acc.is_main_process:
+            augment = ("continues identically" if self.cfg.train.data_seeding == "sample"
+                       else f"changes (train.data_seeding={self.cfg.train.data_seeding})")
+            print(f"cmgen train: note: {ckpt} was written by {saved_world} process(es), resuming with {world}: "
+                  f"weights, optimizer, schedule, queues and data position carry over; per-process random "
+                  f"streams are re-seeded from (run.seed, step {self.step}, rank); dataset augmentation {augment}",
+                  flush=True)
 
     def _truncate_metrics(self, step: int) -> None:
         """On resume, drop log lines the interrupted run wrote after its last checkpoint."""
@@ -327,6 +393,8 @@ class _Trainer:
             self.ctx.step_index = step
             for _ in range(tc.grad_accum):
                 batch = send_to_device(next(batches), acc.device, non_blocking=True)
+                if tc.channels_last:
+                    batch = _channels_last(batch)
                 with acc.accumulate(*prepared_models):
                     losses = self.method.train_step(batch, step, self.ctx)
                 if not isinstance(losses, dict):
@@ -364,6 +432,9 @@ class _Trainer:
                 self._sample(done)
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps:
                 self._checkpoint(done)
+            if self.probe is not None:  # tests only (cmgen.engine.probe): per-step dumps, injected faults
+                self.probe.after_step(done, losses, {n: acc.unwrap_model(m) for n, m in self.models.items()},
+                                      self.method.extra_state())
         bar.close()
         acc.wait_for_everyone()
         return TrainResult(self.run_dir, self.step, self.last_checkpoint, last_metrics)
