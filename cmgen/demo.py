@@ -7,12 +7,10 @@ and tables:
    as PNG grids read back with the same decoders real data uses (PIL, decord);
 2. the loss benchmark (``bench/losses.py --quick``: cmgen's NT-Xent against lightly and
    pytorch-metric-learning, where those are installed);
-3. the training engine on its test method (``configs/toy/synthetic.yaml``), then each method that
-   exists on its embedded dataset (VideoMoCo on moving digits, ContraGAN on shapes): loss curves,
-   sample grids, metrics, checkpoints.
-
-The other method subsystems (ContraD, XMC-GAN, support-set retrieval) are added as they land; until
-then the report says they are not part of the demo yet.
+3. the training engine on its test method (``configs/toy/synthetic.yaml``), then each method subsystem
+   on its embedded dataset (:data:`METHOD_STAGES`), each within its share of ``--budget`` seconds: loss
+   curves (matplotlib), sample grids, metrics against baselines and chance, checkpoints;
+4. the same report as one self-contained HTML page (``report.html``, images inline).
 """
 from __future__ import annotations
 
@@ -28,17 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-NOT_YET = ("ContraD", "XMC-GAN", "support-set retrieval")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="where the report, data and runs go")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the engine's test method")
-    parser.add_argument("--video-steps", type=int, default=150, help="training steps of VideoMoCo")
-    parser.add_argument("--gan-steps", type=int, default=300, help="training steps of ContraGAN")
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="seconds of training shared by the method stages (the whole demo adds about 1 min)")
     parser.add_argument("--skip-bench", action="store_true", help="leave out the loss benchmark")
 
 
@@ -57,30 +54,74 @@ def _image_grid(images: list[np.ndarray], cols: int, pad: int = 2) -> Image.Imag
     return canvas
 
 
-def _line_plot(series: dict[str, list[tuple[int, float]]], width: int = 480, panel: int = 90) -> Image.Image:
-    """Loss curves as small multiples (one panel per term, linear axis with its own range), drawn with PIL
-    so the demo needs no plotting library; terms of different scale and sign stay readable."""
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-    img = Image.new("RGB", (width, max(1, len(series)) * panel), "white")
-    draw = ImageDraw.Draw(img)
-    s_max = max((s for pts in series.values() for s, _ in pts), default=1) or 1
-    for k, (name, pts) in enumerate(series.items()):
-        top, bottom = k * panel + 14, (k + 1) * panel - 14
-        left, right = 60, width - 10
-        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
-        hi = hi if hi > lo else lo + 1e-12
-        draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
-        draw.text((2, top - 2), f"{hi:.3g}", fill="black")
-        draw.text((2, bottom - 10), f"{lo:.3g}", fill="black")
-        draw.text((left + 4, top - 13), name, fill=colours[k % len(colours)])
-        draw.text((right - 60, bottom + 1), f"step {s_max}", fill="black")
-        xy = [(left + (right - left) * s / s_max, bottom - (bottom - top) * (v - lo) / (hi - lo)) for s, v in pts]
-        if len(xy) > 1:
-            draw.line(xy, fill=colours[k % len(colours)], width=2)
-        else:
-            x, y = xy[0]
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colours[k % len(colours)])
-    return img
+def _smooth(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1.0 - weight) * v
+        out.append(avg / (1.0 - weight ** i))
+    return out
+
+
+def plot_curves(series: dict[str, list[tuple[int, float]]], path: Path, title: str, smoothing: float = 0.8) -> Path:
+    """One panel per logged term (terms differ in scale and sign), raw values faint and the smoothed curve
+    solid, with axes, ticks and a legend; saved as PNG at ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(series) or ["(nothing logged)"]
+    cols = 2 if len(names) > 1 else 1
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        pts = series.get(name, [])
+        if pts:
+            steps, values = zip(*pts)
+            sparse = len(values) < 20                       # few points (eval metrics): show each one
+            ax.plot(steps, values, color="tab:blue", alpha=1.0 if sparse else 0.3, linewidth=1,
+                    marker="o" if sparse else None, markersize=4, label="raw")
+            if len(values) > 2 and not sparse:
+                ax.plot(steps, _smooth(list(values), smoothing), color="tab:blue", linewidth=2,
+                        label=f"smoothed (EMA {smoothing})")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("metric" if name.startswith("eval/") else "loss (per term)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_html(markdown_text: str, out: Path, name: str = "report.html") -> Path:
+    """The report as one self-contained HTML page: markdown rendered with tables, every local PNG inlined
+    as a data URI, so the page can be mailed or opened anywhere."""
+    import base64
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
+
+    def inline(match: re.Match) -> str:
+        src = match.group(1)
+        file = out / src
+        if src.startswith(("http:", "https:", "data:")) or not file.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(file.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^"]+)"', inline, body)
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>cmgen demo report</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.4}"
+            "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:3px 8px}"
+            "img{max-width:100%;image-rendering:pixelated}code{background:#f3f3f3}</style></head><body>"
+            f"{body}</body></html>\n")
+    path = out / name
+    path.write_text(page, encoding="utf-8")
+    return path
 
 
 def _demo_data(out: Path, report: list[str], summary: dict) -> dict:
@@ -176,7 +217,7 @@ def _train_and_report(out: Path, config: Path, run_name: str, steps: int, overri
         for k, v in r.items():
             if not k.startswith(_NOT_PLOTTED) and isinstance(v, (int, float)):
                 series.setdefault(k, []).append((r["step"], float(v)))
-    _line_plot(series).save(out / f"{run_name}_losses.png")
+    plot_curves(series, out / f"{run_name}_losses.png", f"{title}: logged terms ({steps} steps)")
     checkpoints = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir() if p.is_dir())
     report += [f"## {title}", "", blurb, "",
                f"{steps} steps in {seconds:.0f} s. Run directory: `{result.run_dir}` (config.yaml, checkpoints/, "
@@ -197,14 +238,57 @@ def _train_and_report(out: Path, config: Path, run_name: str, steps: int, overri
                          "final": {k: v[-1][1] for k, v in series.items()}}
 
 
+def _videomoco_run(out: Path, report: list[str], summary: dict, budget_s: float) -> None:
+    """VideoMoCo's plain training run (loss curves, dropped-frame samples, 1-NN accuracy)."""
+    steps = max(3, int(budget_s / 0.6))                  # about 0.6 s a step on 2 cores
+    _train_and_report(out, PROJECT_ROOT / "configs" / "videomoco" / "moving_digits.yaml", "videomoco", steps,
+                      [f"model.adversarial_start_step={steps // 3}"], "VideoMoCo on moving digits",
+                      "MoCo discriminator with a temporally decayed queue; after a MoCo-only third, the generator "
+                      "learns which 25% of frames to drop. `eval/knn_top1`: 1-NN accuracy of test clips' "
+                      "embeddings against training clips (8 direction classes: chance 12.5%). Samples: frames "
+                      "of test clips after the generator's dropping (grey frames).", report, summary)
+
+
+def _contragan_run(out: Path, report: list[str], summary: dict, budget_s: float) -> None:
+    """ContraGAN's plain training run (loss curves, one row of EMA samples per class)."""
+    steps = max(2, int(budget_s / 0.5))
+    _train_and_report(out, PROJECT_ROOT / "configs" / "contragan" / "shapes.yaml", "contragan", steps, [],
+                      "ContraGAN on shapes", "BigGAN-style class-conditional GAN with the 2C loss; one row of "
+                      "EMA-generator samples per shape class.", report, summary)
+
+
+# Method subsystems that add their own demo section: (title, "module:function", share of the training
+# budget, fallback). Each function is ``demo_stage(out, report, summary, budget_s)``: it trains and
+# evaluates on the embedded data within about ``budget_s`` seconds and appends its markdown section to
+# ``report``. Where a subsystem has no such function, its plain training run (fallback) stands in.
+METHOD_STAGES = (
+    ("VideoMoCo: pretraining and probes on moving digits", "video.finetune:demo_stage", 0.22, _videomoco_run),
+    ("Contrastive GAN discriminators on shapes", "text2image.contrad:demo_stage", 0.38, _contragan_run),
+    ("XMC-GAN text-to-image on shapes", "text2image.xmcgan:demo_stage", 0.22, None),
+    ("Support-set video-text retrieval on moving digits", "video.supportset:demo_stage", 0.18, None),
+)
+
+
+def _stage_function(target: str):
+    """The stage function named ``module:function``, or None where that subsystem has none yet."""
+    import importlib
+
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     report = ["# cmgen demo report", "",
               f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · "
-              f"torch {torch.__version__} · {torch.get_num_threads()} threads", ""]
-    summary: dict = {}
+              f"torch {torch.__version__} · {torch.get_num_threads()} threads · "
+              f"training budget {args.budget:.0f} s", ""]
+    summary: dict = {"budget_s": args.budget, "stages": {}}
     _demo_data(out, report, summary)
     if not args.skip_bench:
         _demo_bench(out, report, summary)
@@ -213,24 +297,25 @@ def run(args: argparse.Namespace) -> int:
                       "Training engine: test method `toy`",
                       "Two models, two optimizer updates per batch, EMA, a queue buffer: the engine's worked example.",
                       report, summary)
-    _train_and_report(out, configs / "videomoco" / "moving_digits.yaml", "videomoco", args.video_steps,
-                      [f"data.root={out / 'data' / 'videomoco_digits'}",
-                       f"model.adversarial_start_step={args.video_steps // 3}"],
-                      "VideoMoCo on moving digits",
-                      "MoCo discriminator with a temporally decayed queue; after a MoCo-only third, the generator "
-                      "learns which 25% of frames to drop. `eval/knn_top1`: 1-NN accuracy of test clips' "
-                      "embeddings against training clips (8 direction classes: chance 12.5%). Samples: frames "
-                      "of test clips after the generator's dropping (grey frames).",
-                      report, summary)
-    _train_and_report(out, configs / "contragan" / "shapes.yaml", "contragan", args.gan_steps, [],
-                      "ContraGAN on shapes",
-                      "BigGAN-style class-conditional GAN with the 2C loss; one row of EMA-generator samples "
-                      "per shape class.", report, summary)
-    report += ["## Not in the demo yet", "",
-               "These subsystems are not implemented yet; each adds its part here when it lands: "
-               + ", ".join(NOT_YET) + ".", "",
-               f"Total demo time: {time.time() - start:.0f} s.", ""]
+    missing = []
+    for title, target, share, fallback in METHOD_STAGES:
+        fn = _stage_function(target) or fallback
+        if fn is None:
+            missing.append(title)
+            continue
+        _stage(f"{title} (budget {share * args.budget:.0f} s)")
+        t0 = time.time()
+        fn(out, report, summary, share * args.budget)
+        summary["stages"][title] = {"seconds": round(time.time() - t0, 1), "budget_s": round(share * args.budget, 1)}
+    if missing:
+        report += ["## Not in the demo yet", "", "These subsystems have no demo stage yet: " + ", ".join(missing) + ".", ""]
+    total = time.time() - start
+    summary["seconds"] = round(total, 1)
+    report += ["## Time", "", "| stage | seconds | budget |", "|---|---:|---:|",
+               *[f"| {t} | {v['seconds']:.0f} | {v['budget_s']:.0f} |" for t, v in summary["stages"].items()],
+               f"| whole demo (data, benchmark, engine, methods) | {total:.0f} | |", ""]
     (out / "report.md").write_text("\n".join(report))
+    write_html("\n".join(report), out)
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _stage(f"report: {out / 'report.md'}")
+    _stage(f"report: {out / 'report.md'} and {out / 'report.html'} ({total:.0f} s)")
     return 0
