@@ -243,17 +243,24 @@ def _hit_probability(g: np.ndarray, e: np.ndarray, c: np.ndarray, k: int, ties: 
     return np.where(c == 1, m / e, 1.0 - miss)  # m / e: exact for the common single-correct case
 
 
-def _summarize(stats, ties: str) -> dict[str, float]:
+def _check_ks(ks) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of ints >= 1, got {ks!r}")
+    return tuple(int(k) for k in ks)
+
+
+def _summarize(stats, ties: str, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
     g, e, c = (x.numpy().astype(np.float64) for x in stats)
     ranks = _ranks(g, e, c, ties)
-    out = {f"R@{k}": float(100.0 * _hit_probability(g, e, c, k, ties).mean()) for k in RECALL_KS}
+    out = {f"R@{k}": float(100.0 * _hit_probability(g, e, c, k, ties).mean()) for k in ks}
     out["MdR"] = float(np.median(ranks))
     out["MnR"] = float(ranks.mean())
     return out
 
 
 def retrieval_metrics(sim, text_to_video=None, *, ties: str = "average", v2t: str = "best",
-                      chunk_size: int | None = None) -> dict[str, dict[str, float]]:
+                      chunk_size: int | None = None, ks=RECALL_KS) -> dict[str, dict[str, float]]:
     """Text->video and video->text R@1/5/10, MdR, MnR of a similarity matrix.
 
     Args:
@@ -269,10 +276,11 @@ def retrieval_metrics(sim, text_to_video=None, *, ties: str = "average", v2t: st
         chunk_size: rank this many queries at a time (caption rows; for "maxpool" v2t, tiles of
             chunk_size captions x chunk_size videos) so that only O(chunk_size * num_videos) extra
             memory is used; ``None`` = all at once. Results are identical.
+        ks: the K of the R@K entries (default 1, 5, 10; ActivityNet papers add 50).
 
     Returns:
-        ``{"t2v": {"R@1", "R@5", "R@10", "MdR", "MnR"}, "v2t": {...}}`` as Python floats; R@K in
-        percent, ranks 1-based.
+        ``{"t2v": {"R@1", "R@5", "R@10", "MdR", "MnR"}, "v2t": {...}}`` as Python floats (one R@K per
+        entry of ``ks``); R@K in percent, ranks 1-based.
 
     Raises:
         ValueError: non-2-D or empty sim, NaN in sim, text_to_video of the wrong shape/dtype or out of
@@ -283,6 +291,7 @@ def retrieval_metrics(sim, text_to_video=None, *, ties: str = "average", v2t: st
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     if v2t not in V2T_MODES:
         raise ValueError(f"v2t must be one of {V2T_MODES}, got {v2t!r}")
+    ks = _check_ks(ks)
     sim = _check_sim(sim)
     num_texts, num_videos = sim.shape
     t2v = _check_text_to_video(text_to_video, num_texts, num_videos)
@@ -300,7 +309,7 @@ def retrieval_metrics(sim, text_to_video=None, *, ties: str = "average", v2t: st
             v2t_stats = _v2t_best_stats(sim, t2v, row_chunk)
         else:
             v2t_stats = _v2t_maxpool_stats(sim, t2v, _check_chunk_size(chunk_size, max(num_texts, num_videos)))
-    return {"t2v": _summarize(t2v_stats, ties), "v2t": _summarize(v2t_stats, ties)}
+    return {"t2v": _summarize(t2v_stats, ties, ks), "v2t": _summarize(v2t_stats, ties, ks)}
 
 
 # --------------------------------------------------------------------------- from embeddings
@@ -388,7 +397,7 @@ def _check_embeddings(x: Any, name: str) -> torch.Tensor:
 
 
 def retrieval_metrics_from_embeddings(text_emb, video_emb, text_to_video=None, *, ties: str = "average",
-                                      v2t: str = "best", chunk_size: int | None = None
+                                      v2t: str = "best", chunk_size: int | None = None, ks=RECALL_KS
                                       ) -> dict[str, dict[str, float]]:
     """:func:`retrieval_metrics` of ``text_emb @ video_emb.T`` without ever forming that matrix.
 
@@ -401,7 +410,7 @@ def retrieval_metrics_from_embeddings(text_emb, video_emb, text_to_video=None, *
         text_emb: (num_texts, D) numpy array or tensor; ``text_emb[t] . video_emb[v]`` is the score
             (normalise first for cosine similarity).
         video_emb: (num_videos, D), same device as ``text_emb``.
-        text_to_video, ties, v2t: as :func:`retrieval_metrics`.
+        text_to_video, ties, v2t, ks: as :func:`retrieval_metrics`.
         chunk_size: queries per block; ``None`` picks blocks of at most 2**26 (CPU) / 2**28 (CUDA) scores
             counting both the product and, for "maxpool", the pooled block. Results do not depend on it.
 
@@ -416,6 +425,7 @@ def retrieval_metrics_from_embeddings(text_emb, video_emb, text_to_video=None, *
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     if v2t not in V2T_MODES:
         raise ValueError(f"v2t must be one of {V2T_MODES}, got {v2t!r}")
+    ks = _check_ks(ks)
     text = _check_embeddings(text_emb, "text_emb")
     video = _check_embeddings(video_emb, "video_emb")
     if text.shape[1] != video.shape[1]:
@@ -440,7 +450,7 @@ def retrieval_metrics_from_embeddings(text_emb, video_emb, text_to_video=None, *
             v2t_stats = _best_row_stats(_Product(video, text), t2v, chunk)
         else:
             v2t_stats = _t2v_stats(_MaxPooledProduct(video, text, t2v), torch.arange(num_videos), chunk)
-    return {"t2v": _summarize(t2v_stats, ties), "v2t": _summarize(v2t_stats, ties)}
+    return {"t2v": _summarize(t2v_stats, ties, ks), "v2t": _summarize(v2t_stats, ties, ks)}
 
 
 # ----------------------------------------------------------------------- transductive re-scoring

@@ -144,3 +144,22 @@ def test_quick_benchmark_produces_an_agreeing_table(tmp_path):
     for r in results:
         assert 0 < r["loss"] < 6.24 and r["grad_norm"] > 0 and r["median_s"] > 0 and r["reps"] >= 1
         assert r["loss_rel_diff"] <= 1e-4 and r["grad_rel_diff"] <= 1e-3
+
+
+def test_retrieval_bench_smoke(tmp_path):
+    """bench/retrieval.py --smoke (in-process): cmgen, faiss and CLIP4Clip agree and the table is written."""
+    spec = importlib.util.spec_from_file_location("bench_retrieval", BENCH / "retrieval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    impls = "cmgen,faiss,clip4clip" if _importable("faiss") else "cmgen,clip4clip"
+    code = bench.main(["--smoke", "--inline", "--n", "600", "--dim", "32", "--impls", impls, "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "retrieval_smoke.json").read_text())
+    assert data["problems"] == [] and all(r["status"] == "ok" for r in data["results"])
+    assert {(r["impl"], r["n"]) for r in data["results"]} >= {("cmgen", 600), ("clip4clip", data["settings"]["n_full"])}
+    assert "| N | implementation |" in (tmp_path / "retrieval_smoke.md").read_text()
+    # a wrong number is caught
+    results = [dict(r, metrics=json.loads(json.dumps(r["metrics"]))) for r in data["results"]]
+    other = next(r for r in results if r["impl"] != "cmgen" and r["n"] == data["settings"]["n_full"])
+    other["metrics"]["t2v"]["R@1"] += 1.0
+    assert bench.check_agreement(results) and other["agrees_with_cmgen"] is False

@@ -511,3 +511,17 @@ def test_from_embeddings_on_cuda_matches_cpu():
         got = retrieval_metrics_from_embeddings(torch.from_numpy(text).cuda(), torch.from_numpy(video).cuda(),
                                                 t2v, v2t=v2t, chunk_size=16)
         assert got == want
+
+
+def test_custom_recall_ks_r50():
+    rng = np.random.default_rng(15)
+    sim = rng.standard_normal((80, 80))
+    m = retrieval_metrics(sim, ks=(1, 5, 50))
+    assert set(m["t2v"]) == {"R@1", "R@5", "R@50", "MdR", "MnR"}
+    ranks = [1 + int((sim[i] > sim[i, i]).sum()) for i in range(80)]
+    assert m["t2v"]["R@50"] == pytest.approx(100 * np.mean([r <= 50 for r in ranks]))
+    assert m["t2v"]["R@5"] == retrieval_metrics(sim)["t2v"]["R@5"]
+    text, video = rng.standard_normal((80, 4)), rng.standard_normal((80, 4))
+    assert retrieval_metrics_from_embeddings(text, video, ks=(1, 50)) == retrieval_metrics(text @ video.T, ks=(1, 50))
+    with pytest.raises(ValueError, match="ks must be"):
+        retrieval_metrics(sim, ks=(0,))
