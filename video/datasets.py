@@ -1,4 +1,4 @@
-"""Video datasets read from the official benchmark files: UCF101/HMDB51 split lists and MSR-VTT.
+"""Video datasets read from the official benchmark files: UCF101 and HMDB51 split files, Kinetics-400, MSR-VTT.
 
 Items hold float clips ``(3, T, H, W)`` in ``[0, 1]`` (``(clips, 3, T, H, W)`` with several clips per
 video), so a DataLoader batch is the ``(B, 3, T, H, W)`` tensor 3D backbones and VideoMoCo take.
@@ -16,6 +16,7 @@ import abc
 import csv
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ from torch.utils.data import Dataset, default_collate
 
 from .io import VideoReadError, dense_clips, num_frames, random_clip_indices, read_frames, uniform_indices
 
-__all__ = ["UCF101", "HMDB51", "MSRVTT", "read_class_ind", "read_split_file", "collate"]
+__all__ = ["UCF101", "HMDB51", "MSRVTT", "read_class_ind", "read_split_file", "read_hmdb51_splits",
+           "stratified_subset", "collate"]
 
 
 def read_class_ind(path: str | os.PathLike) -> list[str]:
@@ -136,9 +138,6 @@ class UCF101(_SkippingVideoDataset):
                  clips_per_video: int = 1, train: bool = True, transform: Callable | None = None,
                  backend: str = "decord", timeout: float | None = 30.0):
         super().__init__()
-        if clip_len < 1 or stride < 1 or clips_per_video < 1:
-            raise ValueError(f"clip_len, stride and clips_per_video must be >= 1, got {clip_len}, {stride}, "
-                             f"{clips_per_video}")
         self.root = Path(root)
         self.classes = read_class_ind(class_ind)
         lookup = {c.lower(): i for i, c in enumerate(self.classes)}
@@ -153,6 +152,13 @@ class UCF101(_SkippingVideoDataset):
             if not 1 <= label <= len(self.classes):
                 raise ValueError(f"{split_file}: label {label} of {rel!r} outside 1..{len(self.classes)}")
             self.samples.append((rel, label - 1))
+        self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout)
+
+    def _configure(self, clip_len: int, stride: int, size, clips_per_video: int, train: bool,
+                   transform: Callable | None, backend: str, timeout: float | None) -> None:
+        if clip_len < 1 or stride < 1 or clips_per_video < 1:
+            raise ValueError(f"clip_len, stride and clips_per_video must be >= 1, got {clip_len}, {stride}, "
+                             f"{clips_per_video}")
         self.clip_len, self.stride, self.size = clip_len, stride, size
         self.clips_per_video, self.train, self.transform = clips_per_video, train, transform
         self.backend, self.timeout = backend, timeout
@@ -179,7 +185,92 @@ class UCF101(_SkippingVideoDataset):
         return self._frames(path, self._clip_indices(path)), label
 
 
-HMDB51 = UCF101  # HMDB51 split lists converted to the UCF101 format read the same way
+_HMDB_SPLIT = re.compile(r"^(?P<cls>.+)_test_split(?P<k>[1-3])\.txt$")
+
+
+def read_hmdb51_splits(split_dir: str | os.PathLike, split: int = 1) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """The official HMDB51 split files (``testTrainMulti_7030_splits/<class>_test_split<k>.txt``).
+
+    Each line is ``"<video>.avi <tag>"`` with tag 1 = train, 2 = test, 0 = unused (torchvision's
+    ``HMDB51`` ``TRAIN_TAG``/``TEST_TAG``). Classes are the ``<class>`` parts of the file names (they
+    contain underscores, e.g. ``brush_hair``), sorted alphabetically as the class folders.
+
+    Returns ``(classes, {"train": [(class/video, label)], "test": [...]})`` with 0-based labels.
+    Raises ValueError for a missing split, an unknown tag or a malformed line.
+    """
+    if split not in (1, 2, 3):
+        raise ValueError(f"HMDB51 split must be 1, 2 or 3, got {split!r}")
+    split_dir = Path(split_dir)
+    files = {}
+    for f in sorted(split_dir.glob("*_test_split*.txt")):
+        m = _HMDB_SPLIT.match(f.name)
+        if m and int(m["k"]) == split:
+            files[m["cls"]] = f
+    if not files:
+        raise ValueError(f"{split_dir}: no HMDB51 split files '<class>_test_split{split}.txt'")
+    classes = sorted(files)
+    out: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    for label, cls in enumerate(classes):
+        for n, line in enumerate(files[cls].read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise ValueError(f"{files[cls]}:{n}: expected '<video>.avi <0|1|2>', got {line!r}")
+            if parts[1] != "0":
+                out["train" if parts[1] == "1" else "test"].append((f"{cls}/{parts[0]}", label))
+    return classes, out
+
+
+class HMDB51(UCF101):
+    """HMDB51 clips from the official split files (see :func:`read_hmdb51_splits`).
+
+    Args:
+        root: the video root with one folder per class (``hmdb51_org/<class>/<video>.avi``).
+        split_dir: folder of ``<class>_test_split<k>.txt`` (``testTrainMulti_7030_splits``).
+        split: 1, 2 or 3.
+        train: the train (tag 1) or test (tag 2) videos; also selects random or dense clips as UCF101.
+        clip_len, stride, size, clips_per_video, transform, backend, timeout: as :class:`UCF101`.
+
+    Lists already converted to the UCF101 format read with :class:`UCF101`.
+    """
+
+    def __init__(self, root: str | os.PathLike, split_dir: str | os.PathLike, split: int = 1, train: bool = True,
+                 clip_len: int = 16, stride: int = 1, size: int | Sequence[int] | None = None,
+                 clips_per_video: int = 1, transform: Callable | None = None, backend: str = "decord",
+                 timeout: float | None = 30.0):
+        _SkippingVideoDataset.__init__(self)
+        self.root = Path(root)
+        self.classes, splits = read_hmdb51_splits(split_dir, split)
+        self.samples = splits["train" if train else "test"]
+        self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout)
+
+
+def stratified_subset(labels: Sequence[int], n: int, seed: int = 0) -> list[int]:
+    """``min(n, len(labels))`` indices drawn class by class in turn (classes and members in a random
+    order fixed by ``seed``), so every class gets ``n // C`` or one more while it has members. Sorted.
+
+    For evaluation subsets of class-sorted split files, whose first ``n`` lines are a few classes only.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    queues = []
+    for c in sorted(by_class):
+        members = by_class[c]
+        queues.append([members[j] for j in torch.randperm(len(members), generator=g).tolist()])
+    order = torch.randperm(len(queues), generator=g).tolist()
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < min(n, len(labels)):
+        for c in order:
+            if depth < len(queues[c]) and len(picked) < n:
+                picked.append(queues[c][depth])
+        depth += 1
+    return sorted(picked)
 
 
 class MSRVTT(_SkippingVideoDataset):
