@@ -249,13 +249,16 @@ def open_features(path: str | os.PathLike) -> FeatureStore:
     raise BenchmarkError(f"{path}: features must be a folder of .npy files, a .safetensors or an .h5/.hdf5 file")
 
 
-def check_complete(split: RetrievalSplit, source, allow_missing: bool = False) -> RetrievalSplit:
-    """``split`` if every video is in ``source``; else one error listing all missing ids, or with
-    ``allow_missing`` the split restricted to the present videos (``num_missing`` set)."""
+def check_complete(split: RetrievalSplit, source, allow_missing: bool = False, where: str | None = None
+                   ) -> RetrievalSplit:
+    """``split`` if every video is in ``source`` (anything supporting ``in``: :class:`VideoFiles`, a
+    :class:`FeatureStore`, a set of ids); else one error listing all missing ids, or with
+    ``allow_missing`` the split restricted to the present videos (``num_missing`` set). ``where``
+    names the source in messages (default: its folder or file)."""
     missing = [v for v in split.video_ids if v not in source]
     if not missing:
         return split
-    where = getattr(source, "root", None) or getattr(source, "path", source)
+    where = where or getattr(source, "root", None) or getattr(source, "path", "the video source")
     if not allow_missing:
         listed = ", ".join(missing[:50]) + (f", ... ({len(missing) - 50} more)" if len(missing) > 50 else "")
         raise BenchmarkError(
