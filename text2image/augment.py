@@ -100,6 +100,18 @@ def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.to(x.dtype).view(-1, 1, 1, 1)
 
 
+def _clamp(x: torch.Tensor, lo: Optional[float], hi: Optional[float]) -> torch.Tensor:
+    """``clamp(x, lo, hi)`` whose gradient is 1 on the closed interval (0 outside). torch 2.x's ``clamp``
+    passes no gradient at ``x == lo`` or ``x == hi`` (checked on torch 2.14), which would cut the gradient
+    of every pixel an earlier step put exactly on 0 or 1 (e.g. the HSV step's value clamp)."""
+    inside = torch.ones_like(x, dtype=torch.bool)
+    if lo is not None:
+        inside = inside & (x >= lo)
+    if hi is not None:
+        inside = inside & (x <= hi)
+    return torch.where(inside, x, x.clamp(lo, hi))
+
+
 # --------------------------------------------------------------------------------------------------
 # argument checks
 
@@ -356,6 +368,43 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     return v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
+def _hsv_adjust(x: torch.Tensor, shift: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """:func:`rgb_to_hsv`, ``h + shift mod 1``, ``s * sat``, ``v * val`` (both clamped to [0, 1]),
+    :func:`hsv_to_rgb` in one pass over ``(B, H, W)`` planes; ``shift, sat, val``: ``(B,)``. Hue is kept
+    in sixths and reduced mod 6 once; grey pixels get an arbitrary hue, harmless because their
+    saturation is 0."""
+    tiny = torch.finfo(x.dtype).tiny
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    delta = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = 1.0 / delta.clamp_min(tiny)
+    h6 = torch.where(r == maxc, (g - b) * inv, torch.where(g == maxc, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    h6 = torch.remainder(h6 + 6.0 * shift.to(x.dtype).view(-1, 1, 1), 6.0)
+    s = _clamp(delta / maxc.clamp_min(tiny) * sat.to(x.dtype).view(-1, 1, 1), None, 1.0)
+    v = _clamp(maxc * val.to(x.dtype).view(-1, 1, 1), None, 1.0)
+    vs = v * s
+    out = []
+    for n in (5.0, 3.0, 1.0):                         # R, G, B of hsv_to_rgb
+        k = h6 + n
+        k = k - 6.0 * (k >= 6.0).to(x.dtype)
+        out.append(v - vs * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return torch.stack(out, 1)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``forward(x, y) = y`` with ``d/dx = identity`` (ContraD ``RandomHSVFunction.backward``). Unlike
+    ``x + (y - x).detach()`` the value is exactly ``y``, so a later clamp keeps the gradient of pixels
+    that land exactly on 0 or 1."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 def _jitter_range(value: float, name: str, center: float, bound: Range) -> Range:
     """ContraD ``ColorJitterLayer._check_input`` for a single number: ``[center - v, center + v]``, the
     lower end clipped to ``bound[0]``."""
@@ -414,28 +463,25 @@ class ColorJitter(Augment):
 
     @staticmethod
     def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        m = x.mean(dim=(2, 3), keepdim=True)
-        return torch.clamp((x - m) * _per_sample(factor, x) + m, 0.0, 1.0)
+        # (x - m) c + m written as x c + m (1 - c): exactly x (and its gradient) at c = 1
+        c = _per_sample(factor, x)
+        return _clamp(x * c + x.mean(dim=(2, 3), keepdim=True) * (1.0 - c), 0.0, 1.0)
 
     def adjust_hsv(self, x: torch.Tensor, hue: torch.Tensor, saturation: torch.Tensor,
                    brightness: torch.Tensor) -> torch.Tensor:
-        def adjust(rgb: torch.Tensor) -> torch.Tensor:
-            h, s, v = rgb_to_hsv(rgb).unbind(1)
-            shift = hue * (255.0 / 360.0 if self.hue_units == "contrad" else 1.0)
-            h = torch.remainder(h + shift.to(x.dtype).view(-1, 1, 1), 1.0)
-            s = torch.clamp(s * saturation.to(x.dtype).view(-1, 1, 1), 0.0, 1.0)
-            v = torch.clamp(v * brightness.to(x.dtype).view(-1, 1, 1), 0.0, 1.0)
-            return hsv_to_rgb(torch.stack([h, s, v], 1))
-
+        """``hsv_to_rgb(h + f_h u mod 1, clamp(s f_s), clamp(v f_v))`` of ``rgb_to_hsv(x)``, per sample."""
+        shift = hue * (255.0 / 360.0 if self.hue_units == "contrad" else 1.0)
         if self.hsv_grad == "autograd":
-            return adjust(x)
-        return x + (adjust(x.detach()) - x.detach())             # value of adjust, identity Jacobian
+            return _hsv_adjust(x, shift, saturation, brightness)
+        return _StraightThrough.apply(x, _hsv_adjust(x.detach(), shift, saturation, brightness))
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        first = params["contrast_first"].view(-1, 1, 1, 1)
-        y = torch.where(first, self.adjust_contrast(x, params["contrast"]), x)
+        # contrast with factor 1 is exactly the identity: it selects the position of the contrast step
+        first = params["contrast_first"]
+        one = torch.ones_like(params["contrast"])
+        y = self.adjust_contrast(x, torch.where(first, params["contrast"], one))
         y = self.adjust_hsv(y, params["hue"], params["saturation"], params["brightness"])
-        return torch.where(first, y, self.adjust_contrast(y, params["contrast"]))
+        return self.adjust_contrast(y, torch.where(first, one, params["contrast"]))
 
     def extra_repr(self) -> str:
         return (f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, "
@@ -602,7 +648,7 @@ class DiffAugment(Augment):
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         y = super().forward(x, generator)
         if self.clamp and self.p > 0.0:
-            y = torch.clamp(y, *self.input_range)
+            y = _clamp(y, *self.input_range)
         return y
 
     def extra_repr(self) -> str:
