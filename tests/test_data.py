@@ -161,8 +161,16 @@ def test_overwrite_rules(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "x.bin").write_bytes(b"1")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError) as err:
         write_moving_digits(other, **DIGITS_KW)
+    assert "not written by cmgen" in str(err.value) and "--overwrite" not in str(err.value)
+    real = tmp_path / "real"                   # a real UCF101 folder: never emptied, even with overwrite
+    (real / "ucf101" / "UCF-101").mkdir(parents=True)
+    (real / "ucf101" / "UCF-101" / "v.avi").write_bytes(b"video")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="left alone"):
+            write_moving_digits(real, overwrite=overwrite, **DIGITS_KW)
+    assert (real / "ucf101" / "UCF-101" / "v.avi").read_bytes() == b"video"
 
 
 def test_cli(tmp_path, capsys):
@@ -371,3 +379,86 @@ def test_moving_digits_bad_arguments(tmp_path):
         with pytest.raises(ValueError):
             write_moving_digits(tmp_path, progress=False, **kwargs)
     assert not any(tmp_path.iterdir())  # arguments are checked before anything is written
+
+
+# ------------------------------------------------------------------------ embedded data of the methods
+
+SMALL_SHAPES = dict(num_images=8, image_size=32, max_shapes=1, val_fraction=0.0, captions_per_image=1)
+
+
+def test_writer_config_matches_dataset_info(shapes_dir, digits_dir):
+    from cmgen.data import writer_config
+
+    info = json.loads((shapes_dir / "dataset_info.json").read_text())
+    assert writer_config("shapes", {k: v for k, v in {**SHAPES_KW, "seed": 3}.items()
+                                    if k != "progress"}) == info["config"]
+    info = json.loads((digits_dir / "dataset_info.json").read_text())
+    assert writer_config("moving-digits", {k: v for k, v in {**DIGITS_KW, "seed": 5}.items()
+                                           if k != "progress"}) == info["config"]
+    with pytest.raises(ValueError, match="frame_size"):
+        writer_config("moving-digits", {"frame_size": 32})
+
+
+def test_embedded_data_default_location_and_generate_modes(tmp_path, monkeypatch, capsys):
+    from cmgen.data import embedded_data_dir, prepare_embedded_data
+    from cmgen.errors import DataError, DataNotFoundError
+
+    monkeypatch.setenv("CMGEN_DATA", str(tmp_path / "store"))
+    need = ("imagefolder/train", "annotations/attributes_train.json")
+    with pytest.raises(DataNotFoundError, match="generate=never"):   # never: nothing is written
+        prepare_embedded_data(None, "shapes", SMALL_SHAPES, "never", need)
+    root = prepare_embedded_data(None, "shapes", SMALL_SHAPES, "auto", need)
+    assert root == embedded_data_dir("shapes", SMALL_SHAPES) and root.parent == tmp_path / "store"
+    assert root.name.startswith("shapes-") and (root / "imagefolder" / "train").is_dir()
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]   # the partial copy was renamed
+    stamp = (root / "dataset_info.json").stat().st_mtime_ns
+    assert prepare_embedded_data(None, "shapes", SMALL_SHAPES, "auto", need) == root   # reused, not rewritten
+    assert prepare_embedded_data(None, "shapes", SMALL_SHAPES, "never", need) == root
+    assert (root / "dataset_info.json").stat().st_mtime_ns == stamp
+    other = prepare_embedded_data(None, "shapes", {**SMALL_SHAPES, "seed": 1}, "auto", need)
+    assert other != root                   # other settings, other folder: data is never silently reused
+    # data written by an older cmgen at the default location is rewritten by auto, refused by never
+    info = json.loads((root / "dataset_info.json").read_text())
+    (root / "dataset_info.json").write_text(json.dumps({**info, "format_version": 0}))
+    with pytest.raises(DataNotFoundError, match="format 0"):
+        prepare_embedded_data(None, "shapes", SMALL_SHAPES, "never", need)
+    prepare_embedded_data(None, "shapes", SMALL_SHAPES, "auto", need)
+    assert json.loads((root / "dataset_info.json").read_text()) == info
+    with pytest.raises(DataError, match="data.generate"):
+        prepare_embedded_data(None, "shapes", SMALL_SHAPES, "sometimes", need)
+
+
+def test_embedded_data_user_root_is_never_replaced(tmp_path, monkeypatch, capsys):
+    from cmgen.data import prepare_embedded_data
+    from cmgen.errors import DataNotFoundError
+
+    monkeypatch.setenv("CMGEN_DATA", str(tmp_path / "store"))
+    need = ("ucf101/UCF-101", "ucf101/ucfTrainTestlist/classInd.txt")
+    real = tmp_path / "UCF"                       # a real-data folder with a mistyped layout
+    (real / "ucf101" / "UCF-101" / "ApplyEyeMakeup").mkdir(parents=True)
+    (real / "ucf101" / "UCF-101" / "ApplyEyeMakeup" / "v.avi").write_bytes(b"x")
+    for generate in ("auto", "never"):
+        with pytest.raises(DataNotFoundError) as err:
+            prepare_embedded_data(real, "moving-digits", {}, generate, need, key="data")
+        message = str(err.value)
+        assert str(real / "ucf101/ucfTrainTestlist/classInd.txt") in message and "data.root" in message
+        assert "--overwrite" not in message and "generate=always" not in message
+    with pytest.raises(FileExistsError, match="not written by cmgen") as err:   # always: still left alone
+        prepare_embedded_data(real, "moving-digits", {}, "always", need)
+    assert "--overwrite" not in str(err.value)
+    assert (real / "ucf101" / "UCF-101" / "ApplyEyeMakeup" / "v.avi").read_bytes() == b"x"
+    assert not (tmp_path / "store").exists()     # nothing synthetic was written anywhere
+    missing = tmp_path / "typo"
+    with pytest.raises(DataNotFoundError, match="generate=always writes it here"):
+        prepare_embedded_data(missing, "shapes", SMALL_SHAPES, "auto", ("imagefolder/train",))
+    assert not missing.exists()
+    # a root cmgen wrote with other settings than the config's: used, and the difference is reported
+    written = tmp_path / "mine"
+    write_shapes(written, **SMALL_SHAPES, progress=False)
+    capsys.readouterr()
+    assert prepare_embedded_data(written, "shapes", {**SMALL_SHAPES, "num_images": 16}, "auto",
+                                 ("imagefolder/train",)) == written
+    note = capsys.readouterr().err
+    assert "num_images: 8 there, 16 asked" in note and "other settings" in note
+    prepare_embedded_data(written, "shapes", {**SMALL_SHAPES, "num_images": 16}, "always", ("imagefolder/train",))
+    assert json.loads((written / "dataset_info.json").read_text())["config"]["num_images"] == 16

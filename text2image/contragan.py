@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -179,11 +179,15 @@ class ContraGANModelConfig:
 class ShapesClassDataConfig:
     """The class-conditional ImageFolder of the embedded ``shapes`` data (class = primary shape).
 
-    ``root``: a shapes dataset root; None means ``<run.output_dir>/data/shapes_<image_size>px``. It is
-    written with ``cmgen.data.write_shapes(root, num_images, image_size, seed)`` if it does not exist.
+    ``root``: a shapes dataset root (``imagefolder/train``, ``annotations/attributes_train.json``); None
+    means cmgen's embedded shapes at its one location, ``data/shapes-<digest>`` (or under ``$CMGEN_DATA``),
+    written with ``cmgen.data.write_shapes(num_images, model.image_size, seed)`` on first use.
+    ``generate``: ``auto`` (write only at that default location), ``always`` or ``never``; a root given
+    here is never replaced by generated data (:func:`cmgen.data.prepare_embedded_data`).
     """
 
     root: Optional[str] = None
+    generate: Literal["auto", "always", "never"] = "auto"
     num_images: int = 512
     seed: int = 0
     hflip: bool = True
@@ -212,17 +216,16 @@ class ContraGANMethod(GANMethod):
                           gather_distributed=m.gather_distributed)
         self.num_classes: Optional[int] = None
 
-    def _data_root(self) -> Path:
-        d = self.cfg.data
-        return Path(d.root) if d.root else Path(self.cfg.run.output_dir) / "data" / f"shapes_{self.cfg.model.image_size}px"
-
     def _ensure_data(self) -> Path:
-        from cmgen.data import ensure_dataset, write_shapes
+        """The data root, the embedded shapes written on first use (resolved once: it waits on every rank)."""
+        if getattr(self, "_root_cache", None) is None:
+            from cmgen.data import prepare_embedded_data
 
-        root, d = self._data_root(), self.cfg.data
-        return ensure_dataset(root, ".", lambda: write_shapes(root, num_images=d.num_images,
-                                                              image_size=self.cfg.model.image_size, seed=d.seed,
-                                                              progress=False))
+            d = self.cfg.data
+            self._root_cache = prepare_embedded_data(
+                d.root, "shapes", dict(num_images=d.num_images, image_size=self.cfg.model.image_size, seed=d.seed),
+                d.generate, required=("imagefolder/train", "annotations/attributes_train.json"))
+        return self._root_cache
 
     def _classes(self) -> list[str]:
         from text2image.data import ShapesAttributes

@@ -332,14 +332,17 @@ class VideoMoCoModelConfig:
 
 @dataclass
 class VideoMoCoDataConfig:
-    root: str = "data/moving_digits"       # moving-digits root; written here when missing
+    # None: cmgen's embedded moving-digits at its one location, data/moving-digits-<digest> (or under
+    # $CMGEN_DATA), written on first use; a path: a UCF101 layout root (root/ucf101/UCF-101, ucfTrainTestlist)
+    root: Optional[str] = None
+    generate: Literal["auto", "always", "never"] = "auto"  # cmgen.data.prepare_embedded_data
     clip_len: int = 16
     stride: int = 1
     size: int = 32                         # decoded frame size and crop size
     crop_scale: tuple[float, float] = (0.2, 1.0)
     brightness: float = 0.4
     eval_clips: int = 64                   # train/test videos embedded by evaluate (kNN), each split
-    # generation of the embedded data when ``root`` does not exist (cmgen.data.write_moving_digits)
+    # settings of the embedded data (cmgen.data.write_moving_digits); with a root cmgen did not write unused
     num_videos: int = 64
     num_frames: int = 16
     frame_size: int = 32
@@ -389,19 +392,30 @@ class VideoMoCoMethod(Method):
         return {"g": build_optimizer(cfg.optim_g or cfg.optim, trainable["g"]),
                 "d": build_optimizer(cfg.optim, trainable["d"])}
 
+    def _data_root(self) -> Path:
+        """``data.root``, or the embedded moving-digits written there on first use (resolved once: it
+        waits on every rank)."""
+        if getattr(self, "_resolved_root", None) is None:
+            from cmgen.data import prepare_embedded_data
+            d = self.cfg.data
+            self._resolved_root = prepare_embedded_data(
+                d.root, "moving-digits", dict(num_videos=d.num_videos, num_frames=d.num_frames, size=d.frame_size,
+                                              digit_size=d.digit_size, speed=d.speed,
+                                              clips_per_group=d.clips_per_group, seed=d.seed),
+                d.generate, required=("ucf101/UCF-101", "ucf101/ucfTrainTestlist/classInd.txt",
+                                      "ucf101/ucfTrainTestlist/trainlist01.txt",
+                                      "ucf101/ucfTrainTestlist/testlist01.txt"))
+        return self._resolved_root
+
     def _ucf(self, split: str, train: bool) -> UCF101:
         d = self.cfg.data
-        root = Path(d.root) / "ucf101"
+        root = self._data_root() / "ucf101"
         return UCF101(root / "UCF-101", root / "ucfTrainTestlist" / f"{split}list01.txt",
                       root / "ucfTrainTestlist" / "classInd.txt", clip_len=d.clip_len, stride=d.stride,
                       size=d.size, train=train)
 
     def build_dataset(self, cfg: VideoMoCoConfig) -> Dataset:
         d = cfg.data
-        from cmgen.data import ensure_dataset, write_moving_digits
-        ensure_dataset(d.root, "ucf101/ucfTrainTestlist/classInd.txt", lambda: write_moving_digits(
-            d.root, num_videos=d.num_videos, num_frames=d.num_frames, size=d.frame_size, digit_size=d.digit_size,
-            speed=d.speed, clips_per_group=d.clips_per_group, seed=d.seed, progress=False))
         return TwoViewClips(self._ucf("train", train=True), ClipAugment(d.size, d.crop_scale, d.brightness))
 
     def train_step(self, batch, step: int, ctx: StepContext) -> dict[str, torch.Tensor]:
