@@ -192,16 +192,19 @@ def load_pretrained_encoder(encoder: nn.Module, path: str | os.PathLike, model_n
     (a VideoMoCo D: ours or the official ``netD``), keep only those, drop the projection
     (``encoder_q.fc.*`` / ``encoder_q.net.fc.*``) and strip the prefix; torchvision keys without our
     ``net.`` wrapper (the official checkpoints) get it. Other D entries (``encoder_k``, ``queue``) are
-    ignored.
+    ignored. A fine-tuned :class:`ActionClassifier` (``encoder.*``, ``model.init_model=model``) loads
+    the same way without its classifier.
 
     Returns ``{"loaded", "missing", "unexpected", "dropped"}`` key lists. Raises ValueError naming the
     keys when some are missing or unexpected (unless allowed) or a shape differs.
     """
     state = {k.removeprefix("module."): v for k, v in _read_state(path, model_name).items()}
     dropped: list[str] = []
-    if any(k.startswith("encoder_q.") for k in state):
-        dropped = [k for k in state if not k.startswith("encoder_q.")]
-        state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
+    for prefix in ("encoder_q.", "encoder."):      # a VideoMoCo D, or a fine-tuned ActionClassifier
+        if any(k.startswith(prefix) for k in state):
+            dropped = [k for k in state if not k.startswith(prefix)]
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
     for k in list(state):
         if k.startswith("fc.") or k.startswith("net.fc."):
             dropped.append(k)

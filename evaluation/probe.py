@@ -1,0 +1,168 @@
+"""Frozen-feature probes of a video encoder: weighted kNN and a linear classifier, on cached features.
+
+Features: every video's ``clips_per_video`` evenly spaced, centre-cropped clips go through the frozen
+encoder (``forward_features``: pooled, before any projection, eval mode) and are averaged
+(:func:`clip_features`). They are saved with :func:`save_features` as safetensors (tensors plus a JSON
+metadata string naming the checkpoint, the data settings and the video list), so a sweep over k,
+temperatures or weight decays decodes the videos once.
+
+- :func:`knn_accuracy`: cosine similarity to every training video, the k most similar vote with weight
+  ``exp(sim / temperature)`` (the weighted kNN of Wu et al., CVPR 2018, "Unsupervised Feature Learning
+  via Non-Parametric Instance Discrimination", Sec. 3.4; the same rule as DINO's ``eval_knn``); k = 1
+  is plain nearest neighbour.
+- :func:`linear_probe`: multinomial logistic regression on standardised features (train statistics),
+  full-batch L-BFGS with an L2 penalty, deterministic.
+- :func:`chance_accuracy`: the accuracy of always answering the most frequent training class.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["clip_features", "save_features", "load_features", "knn_accuracy", "linear_probe", "chance_accuracy",
+           "probe_report"]
+
+
+def _collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    clips = torch.stack([c if c.dim() == 5 else c[None] for c, _ in batch])   # (B, clips, 3, T, H, W)
+    return clips, torch.tensor([int(y) for _, y in batch])
+
+
+@torch.no_grad()
+def clip_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 4, num_workers: int = 0,
+                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip-averaged pooled features of every item of ``dataset``.
+
+    Args:
+        encoder: has ``forward_features((B, 3, T, H, W)) -> (B, D)``; run in eval mode, restored after.
+        dataset: items ``(clips (n, 3, T, H, W) or (3, T, H, W), label)``.
+        batch_size: videos per forward batch.
+
+    Returns ``(features (N, D) float32 on CPU, labels (N,) long)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    try:
+        for clips, y in loader:
+            b, n = clips.shape[:2]
+            f = encoder.forward_features(clips.flatten(0, 1).to(device))
+            feats.append(f.view(b, n, -1).mean(1).float().cpu())
+            labels.append(y)
+    finally:
+        encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def save_features(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write ``tensors`` and ``metadata`` (JSON-serialisable) to a safetensors file, atomically."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"cmgen": json.dumps(metadata)})
+    os.replace(tmp, path)
+
+
+def load_features(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, metadata)`` written by :func:`save_features`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "cmgen" not in meta:
+        raise ValueError(f"{path} is not a cmgen feature cache (no 'cmgen' metadata)")
+    return load_file(str(path)), json.loads(meta["cmgen"])
+
+
+def _check(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor) -> None:
+    if train_f.dim() != 2 or test_f.dim() != 2 or train_f.shape[1] != test_f.shape[1]:
+        raise ValueError(f"features must be (N, D) and (M, D), got {tuple(train_f.shape)}, {tuple(test_f.shape)}")
+    if train_y.shape != (train_f.shape[0],) or test_y.shape != (test_f.shape[0],):
+        raise ValueError(f"labels must be (N,) and (M,), got {tuple(train_y.shape)}, {tuple(test_y.shape)}")
+    if train_f.shape[0] == 0 or test_f.shape[0] == 0:
+        raise ValueError("need at least one training and one test feature")
+
+
+def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                 k: int = 20, temperature: float = 0.07, chunk_size: int = 1024) -> float:
+    """Top-1 accuracy (%) of temperature-weighted cosine kNN: class score ``sum_{j in top-k} exp(s_j / T)
+    [y_j = c]``; ties between classes go to the lowest class index.
+
+    Shapes: ``train_f (N, D), train_y (N,), test_f (M, D), test_y (M,)``; k is clipped to N.
+    """
+    _check(train_f, train_y, test_f, test_y)
+    if k < 1 or not temperature > 0:
+        raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, train_f.shape[0])
+    a = F.normalize(train_f.double(), dim=1)
+    correct = 0
+    for s in range(0, test_f.shape[0], chunk_size):
+        q = F.normalize(test_f[s:s + chunk_size].double(), dim=1)
+        sims, idx = (q @ a.T).topk(k, dim=1)                           # (m, k)
+        votes = torch.zeros(q.shape[0], num_classes, dtype=torch.float64)
+        votes.scatter_add_(1, train_y[idx].long(), torch.exp((sims - 1.0) / temperature))  # shift: same argmax
+        correct += int((votes.argmax(1) == test_y[s:s + chunk_size]).sum())
+    return 100.0 * correct / test_f.shape[0]
+
+
+def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                 weight_decay: float = 1e-4, max_iter: int = 300) -> dict[str, float]:
+    """Logistic regression ``softmax(W z + b)`` on standardised features ``z``, minimising mean
+    cross-entropy + ``weight_decay * ||W||^2 / 2`` by full-batch L-BFGS (strong Wolfe line search).
+
+    Returns ``{"top1", "train_top1"}`` in percent.
+    """
+    _check(train_f, train_y, test_f, test_y)
+    if weight_decay < 0 or max_iter < 1:
+        raise ValueError(f"need weight_decay >= 0 and max_iter >= 1, got {weight_decay}, {max_iter}")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    x = train_f.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-8)
+    z, zt = (x - mean) / std, (test_f.double() - mean) / std
+    w = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    y = train_y.long()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        train_acc = float(((z @ w + b).argmax(1) == y).double().mean()) * 100
+        test_acc = float(((zt @ w + b).argmax(1) == test_y.long()).double().mean()) * 100
+    return {"top1": test_acc, "train_top1": train_acc}
+
+
+def chance_accuracy(train_y: torch.Tensor, test_y: torch.Tensor) -> float:
+    """Accuracy (%) on ``test_y`` of always answering the most frequent class of ``train_y``."""
+    majority = int(torch.bincount(train_y.long()).argmax())
+    return float((test_y.long() == majority).double().mean()) * 100
+
+
+def probe_report(features: dict[str, torch.Tensor], ks: Sequence[int] = (1, 20), temperature: float = 0.07,
+                 weight_decays: Sequence[float] = (1e-4,)) -> dict[str, float]:
+    """kNN for every k and a linear probe for every weight decay on ``{"train_features", "train_labels",
+    "test_features", "test_labels"}``, plus ``chance``."""
+    tr, ty, te, yy = (features[k] for k in ("train_features", "train_labels", "test_features", "test_labels"))
+    out = {f"knn{k}_top1": knn_accuracy(tr, ty, te, yy, k, temperature) for k in ks}
+    for wd in weight_decays:
+        out[f"linear_wd{wd:g}_top1"] = linear_probe(tr, ty, te, yy, wd)["top1"]
+    out["chance"] = chance_accuracy(ty, yy)
+    return out
