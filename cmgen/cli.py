@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "train": ("cmgen.engine.train_cli", "train a method from a YAML config: cmgen train CONFIG [key=value ...]"),
     "data": ("cmgen.data.cli", "write the embedded synthetic datasets (shapes, moving-digits)"),
     "eval": ("evaluation.cli", "evaluate: cmgen eval retrieval|generation ..."),
+    "generate": ("cmgen.generate_cli", "images from a run, checkpoint or exported generator: cmgen generate SRC --n 64 --out grid.png"),
+    "export": ("cmgen.export_cli", "a run's generator (EMA) as a diffusers save_pretrained folder: cmgen export RUN --out DIR"),
     "demo": ("cmgen.demo", "build the embedded data, train each subsystem briefly, write runs/demo/report.md"),
 }
 
