@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "toy": "cmgen.engine.toy:ToyMethod",
     "contragan": "text2image.contragan:ContraGANMethod",
     "videomoco": "video.videomoco:VideoMoCoMethod",
+    "supportset": "video.supportset:SupportSetMethod",
     "finetune": "video.finetune:FinetuneMethod",
 }
 
