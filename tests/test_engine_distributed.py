@@ -1,4 +1,7 @@
-"""2 gloo processes (torchrun / accelerate launch) end with the same parameters as 1 process."""
+"""``accelerate launch`` with 2 gloo processes ends with the same parameters as 1 process, by default.
+
+(torchrun: tests/test_multiprocess_methods.py, which also compares every step; here the checkpoint
+files as a whole, through Accelerate's own launcher.)"""
 from __future__ import annotations
 
 import os
@@ -8,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cmgen.engine import train
 from cmgen.engine.checkpoint import read_engine_state
@@ -17,12 +21,10 @@ from tests.test_engine import QUIET, ROOT, TOY, assert_same, checkpoint_contents
 # (Accumulation itself is not neutral for the toy: its second update sees the first only on the last
 # micro-batch, as in any multi-update step, so both sides accumulate the same way.)
 COMMON = ["train.grad_accum=2", "train.max_steps=8", "train.batch_size=32", "train.checkpoint_every=4", "train.keep_last=1",
-          "data.num_samples=96", "data.aug_noise=0.1", "train.data_seeding=sample", "ema.start_step=2", "schedule.warmup_steps=2",
-          "train.log_every=4"]
+          "data.num_samples=96", "data.aug_noise=0.1", "ema.start_step=2", "schedule.warmup_steps=2", "train.log_every=4"]
 BIN = Path(sys.executable).parent
 
 LAUNCHERS = {
-    "torchrun": [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "cmgen", "train"],
     "accelerate": [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cmgen", "train"],
 }
@@ -56,3 +58,21 @@ def test_two_processes_match_one_process(tmp_path, launcher, single_process_run)
     skip = ("config.yaml", "engine_state.json", "random_states_0.pkl", "random_states_1.pkl")
     assert_same(checkpoint_contents(single_process_run, skip), checkpoint_contents(two, skip),
                 exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_default_data_seeding_gives_one_process_the_same_augmented_batch_as_two():
+    """The default (``train.data_seeding=sample``) seeds every sample by its position in the epoch, so
+    the union of the ranks' micro-batches is the single-process micro-batch, augmentation included."""
+    from cmgen.config import TrainConfig
+    from cmgen.engine.data import ResumableLoader
+    from cmgen.engine.toy import SyntheticRegression
+
+    assert TrainConfig().data_seeding == "sample"
+    data = SyntheticRegression(24, 3, 2, aug_noise=0.5, seed=0)
+    take = lambda loader: [b for b, _ in zip(loader, range(8))]  # noqa: E731  (crosses an epoch boundary)
+    one = take(ResumableLoader(data, 6, 0, 1, seed=2))
+    two = [take(ResumableLoader(data, 6, r, 2, seed=2)) for r in range(2)]
+    for b in range(8):
+        assert torch.equal(one[b]["x"], torch.cat([two[0][b]["x"], two[1][b]["x"]]))
+    batch = [take(ResumableLoader(data, 6, r, 2, seed=2, seeding="batch")) for r in range(2)]
+    assert not torch.equal(one[0]["x"], torch.cat([batch[0][0]["x"], batch[1][0]["x"]]))  # per-rank seeds differ
