@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cmgen.losses import TwoC
+from tests.test_gan_base import Ctx
 from text2image.contragan import ContraGANConfig, ContraGANMethod, Discriminator, DOutput, Generator
 from text2image.gan import GANStep, hinge_d_loss, hinge_g_loss
 from text2image.layers import ConditionalBatchNorm2d, is_spectral_normed
@@ -70,48 +71,7 @@ def _method(tmp_path, **model):
     return ContraGANMethod(cfg)
 
 
-def test_losses_equal_hinge_plus_lambda_two_c(tmp_path):
-    torch.manual_seed(0)
-    method = _method(tmp_path, cond_lambda=0.7, temperature=0.5, pos_collected_numerator=False)
-    models = method.build_models(method.cfg)
-    d = models["d"]
-    y_r, y_f = torch.tensor([0, 1, 1, 2]), torch.tensor([2, 2, 0, 1])
-    out_r, out_f = d(torch.randn(4, 3, S, S), y_r), d(torch.randn(4, 3, S, S), y_f)
-    terms = method.d_loss(GANStep(0, "d", None, y_r, cond_fake=y_f, out_real=out_r, out_fake=out_f))
-    two_c = TwoC(temperature=0.5, pos_collected_numerator=False)
-    hinge = torch.relu(1 - out_r.logits).mean() + torch.relu(1 + out_f.logits).mean()
-    torch.testing.assert_close(terms["d_adv"], hinge)
-    torch.testing.assert_close(terms["d_2c"], 0.7 * two_c(out_r.embeddings, out_r.proxies, y_r))
-    g_terms = method.g_loss(GANStep(0, "g", None, y_r, cond_fake=y_f, out_fake=out_f))
-    torch.testing.assert_close(g_terms["g_adv"], -out_f.logits.mean())
-    torch.testing.assert_close(g_terms["g_2c"], 0.7 * two_c(out_f.embeddings, out_f.proxies, y_f))
-    # analytic hinge values
-    assert float(hinge_d_loss(torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0]))) == pytest.approx(0.25 + 0.5)
-    assert float(hinge_g_loss(torch.tensor([1.0, 3.0]))) == pytest.approx(-2.0)
-
-
-class _Ctx:
-    """The StepContext surface GANMethod.train_step uses, without Accelerate."""
-
-    def __init__(self, models, opts):
-        self.models, self.optimizers, self.ema = models, opts, {}
-        self.device, self.grad_accum, self.world_size = torch.device("cpu"), 1, 1
-        self.calls = []
-
-    def unwrap(self, name):
-        return self.models[name]
-
-    def backward(self, loss, **kwargs):
-        loss.backward(**kwargs)
-
-    def step(self, name):
-        self.calls.append(name)
-        self.optimizers[name].step()
-        self.optimizers[name].zero_grad(set_to_none=True)
-
-    def frozen(self, *names):
-        from cmgen.engine.method import StepContext
-        return StepContext.frozen(self, *names)
+_Ctx = Ctx
 
 
 def test_d_steps_then_g_step_touch_the_right_model(tmp_path):
@@ -205,3 +165,262 @@ def test_engine_two_steps(tmp_path):
     assert result.step == 2
     assert (result.run_dir / "samples" / "step_000002.png").stat().st_size > 0
     assert all(k in result.metrics for k in ("d_2c", "g_2c", "d_adv", "g_adv"))
+
+
+# --- independent transcriptions of the official code -----------------------------------------------
+# StudioGAN src/models/big_resnet.py at 947b35e9835b67860fdce44d337f6d7fee7c8db3, with c = g_conv_dim / d_conv_dim.
+def _big_resnet_tables(c):
+    g_in = {"32": [c * 4, c * 4, c * 4], "64": [c * 16, c * 8, c * 4, c * 2],
+            "128": [c * 16, c * 16, c * 8, c * 4, c * 2]}
+    g_out = {"32": [c * 4, c * 4, c * 4], "64": [c * 8, c * 4, c * 2, c],
+             "128": [c * 16, c * 8, c * 4, c * 2, c]}
+    d_in = {"32": [3] + [c * 2, c * 2, c * 2], "64": [3] + [c, c * 2, c * 4, c * 8],
+            "128": [3] + [c, c * 2, c * 4, c * 8, c * 16]}
+    d_out = {"32": [c * 2, c * 2, c * 2, c * 2], "64": [c, c * 2, c * 4, c * 8, c * 16],
+             "128": [c, c * 2, c * 4, c * 8, c * 16, c * 16]}
+    d_down = {"32": [True, True, False, False], "64": [True, True, True, True, False],
+              "128": [True, True, True, True, True, False]}
+    return g_in, g_out, d_in, d_out, d_down
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_layouts_match_big_resnet_tables(size):
+    c = 2
+    g_in, g_out, d_in, d_out, d_down = _big_resnet_tables(c)
+    nb = len(g_in[str(size)])
+    g = Generator(z_dim=4 * (nb + 1), shared_dim=4, num_classes=C, channels=c, image_size=size,
+                  attention_at=None).eval()
+    shapes = []
+    for blk in g.blocks:
+        blk.register_forward_hook(lambda m, i, o: shapes.append((i[0].shape[1], o.shape[1], o.shape[2])))
+    g(torch.randn(2, g.z_dim), torch.tensor([0, 1]))
+    assert shapes == [(ci, co, 4 * 2 ** (k + 1)) for k, (ci, co) in enumerate(zip(g_in[str(size)], g_out[str(size)]))]
+    d = Discriminator(num_classes=C, channels=c, embed_dim=4, image_size=size, attention_at=None).eval()
+    shapes, res, want = [], size, []
+    for blk in d.blocks:
+        blk.register_forward_hook(lambda m, i, o: shapes.append((i[0].shape[1], o.shape[1], o.shape[2])))
+    for ci, co, down in zip(d_in[str(size)], d_out[str(size)], d_down[str(size)]):
+        res = res // 2 if down else res
+        want.append((ci, co, res))
+    d(torch.randn(2, 3, size, size), torch.tensor([0, 1]))
+    assert shapes == want
+
+
+def test_orthogonal_init():
+    g = Generator(z_dim=20, shared_dim=4, num_classes=C, channels=4, image_size=32, attention_at=16)
+    d = Discriminator(num_classes=C, channels=4, embed_dim=8, image_size=32, attention_at=16)
+    from text2image.layers import _raw_weight
+    n = 0
+    for m in list(g.modules()) + list(d.modules()):
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding)):
+            w = _raw_weight(m).detach().flatten(1)
+            rows, cols = w.shape
+            gram = w @ w.T if rows <= cols else w.T @ w          # semi-orthogonal: the smaller Gram is I
+            torch.testing.assert_close(gram, torch.eye(min(rows, cols)), atol=1e-4, rtol=0)
+            if not isinstance(m, torch.nn.Embedding) and m.bias is not None:
+                assert torch.count_nonzero(m.bias) == 0
+            n += 1
+    assert n > 20
+    with pytest.raises(ValueError, match="init"):
+        Generator(z_dim=20, num_classes=C, channels=4, init="kaiming")
+
+
+def _two_c_studiogan(embed, proxy, label, t):
+    """ConditionalContrastiveLoss.forward (src/utils/losses.py) as loops over samples, float64."""
+    e, p = embed.double(), proxy.double()
+    n, total = e.shape[0], 0.0
+    for i in range(n):
+        cos = lambda a, b: (a @ b) / (a.norm() * b.norm())
+        e2p = torch.exp(cos(e[i], p[i]) / t)
+        sims = [torch.exp(cos(e[i], e[j]) / t) for j in range(n) if j != i]
+        pos = [torch.exp(cos(e[i], e[j]) / t) for j in range(n) if j != i and label[j] == label[i]]
+        num = e2p + (sum(pos) if pos else 0.0)
+        den = e2p + sum(sims)
+        total = total - torch.log(num / den)
+    return total / n
+
+
+def test_d_and_g_losses_equal_transcribed_studiogan_2c(tmp_path):
+    """Default pos_collected_numerator=True, where labels matter: D's 2C must use the real labels."""
+    torch.manual_seed(0)
+    method = _method(tmp_path, cond_lambda=0.7, temperature=0.5)
+    d = method.build_models(method.cfg)["d"].eval()
+    y_r, y_f = torch.tensor([0, 1, 1, 2, 0, 2]), torch.tensor([2, 2, 0, 1, 1, 0])
+    out_r, out_f = d(torch.randn(6, 3, S, S), y_r), d(torch.randn(6, 3, S, S), y_f)
+    s = GANStep(0, "d", None, y_r, cond_fake=y_f, out_real=out_r, out_fake=out_f)
+    terms = method.d_loss(s)
+    ref = 0.7 * _two_c_studiogan(out_r.embeddings, out_r.proxies, y_r, 0.5)
+    torch.testing.assert_close(terms["d_2c"].double(), ref, rtol=1e-5, atol=1e-6)
+    wrong = 0.7 * _two_c_studiogan(out_r.embeddings, out_r.proxies, y_f, 0.5)
+    assert abs(float(wrong.detach()) - float(ref.detach())) > 1e-3         # the labels change the value here
+    hinge = torch.relu(1 - out_r.logits).mean() + torch.relu(1 + out_f.logits).mean()
+    torch.testing.assert_close(terms["d_adv"], hinge)
+    g_terms = method.g_loss(GANStep(0, "g", None, y_r, cond_fake=y_f, out_fake=out_f))
+    torch.testing.assert_close(g_terms["g_adv"], -out_f.logits.mean())
+    torch.testing.assert_close(g_terms["g_2c"].double(),
+                               0.7 * _two_c_studiogan(out_f.embeddings, out_f.proxies, y_f, 0.5), rtol=1e-5, atol=1e-6)
+    assert float(hinge_d_loss(torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0]))) == pytest.approx(0.25 + 0.5)
+    assert float(hinge_g_loss(torch.tensor([1.0, 3.0]))) == pytest.approx(-2.0)
+
+
+def test_studiogan_2c_gradient_is_one_over_world_size(tmp_path):
+    torch.manual_seed(0)
+    grads, e0, p0 = {}, torch.randn(6, E), torch.randn(6, E)
+    for mode in ("exact", "studiogan"):
+        method = _method(tmp_path, two_c_grad=mode)
+        e = e0.clone().requires_grad_(True)
+        out = DOutput(torch.zeros(6), e, p0, torch.zeros(6, 4))
+        ctx = Ctx({}, {})
+        ctx.world_size = 4
+        loss = method._two_c(GANStep(0, "d", None, None, ctx=ctx), out, torch.tensor([0, 1, 1, 2, 0, 2]))
+        loss.backward()
+        grads[mode] = (float(loss.detach()), e.grad.clone())
+    assert grads["exact"][0] == pytest.approx(grads["studiogan"][0])
+    torch.testing.assert_close(grads["studiogan"][1], grads["exact"][1] / 4)
+
+
+def test_temperature_schedules():
+    from text2image.contragan import temperature_at
+    # paper-era discrete tempering: 2.0 -> 1.0 at half of 100k steps
+    assert [temperature_at(s, 2.0, 1.0, "discrete", 1, 100_000) for s in (0, 49_999, 50_000, 99_999)] == [2.0, 2.0, 1.0, 1.0]
+    # three levels: interval = T // (k + 1)
+    assert temperature_at(70, 1.0, 2.0, "discrete", 2, 90) == pytest.approx(2.0)
+    assert temperature_at(35, 1.0, 2.0, "discrete", 2, 90) == pytest.approx(1.5)
+    assert temperature_at(25, 1.0, 2.0, "continuous", 1, 100) == pytest.approx(1.25)
+    assert temperature_at(10, 0.5, 2.0, "constant", 1, 100) == 0.5
+    with pytest.raises(ValueError, match="temperature_schedule"):
+        temperature_at(0, 1.0, 1.0, "cosine", 1, 10)
+
+
+# --- single-point mutations that must not survive -------------------------------------------------
+def test_block_i_is_fed_z_chunk_i_plus_1():
+    torch.manual_seed(0)
+    g = Generator(z_dim=20, shared_dim=4, num_classes=C, channels=2, image_size=32, attention_at=None).eval()
+    outs = []
+    for blk in g.blocks:
+        blk.register_forward_hook(lambda m, i, o: outs.append(o.clone()))
+    z, y = torch.randn(3, 20), torch.tensor([0, 1, 2])
+    g(z, y)
+    base, outs[:] = list(outs), []
+    n = len(g.blocks)
+    for i in range(n):                       # perturb chunk i + 1: blocks < i unchanged, block i changes
+        z2 = z.clone()
+        z2[:, (i + 1) * g.chunk:(i + 2) * g.chunk] += 1.0
+        g(z2, y)
+        for j in range(n):
+            same = torch.allclose(outs[j], base[j])
+            assert same == (j < i), (i, j)
+        outs[:] = []
+
+
+def test_features_are_relu_sum_of_last_map():
+    torch.manual_seed(0)
+    d = Discriminator(num_classes=C, channels=4, embed_dim=E, image_size=S, attention_at=16).eval()
+    last = []
+    d.blocks[-1].register_forward_hook(lambda m, i, o: last.append(o))
+    out = d(torch.randn(3, 3, S, S), torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(out.features, torch.relu(last[0]).sum(dim=(2, 3)))
+    torch.testing.assert_close(out.logits, d.linear1(out.features).squeeze(1))
+
+
+def test_sample_latents_draws_every_class_and_grid_is_class_major(tmp_path):
+    method = _method(tmp_path)
+    method.build_models(method.cfg)
+    _, y = method.sample_latents(500, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert sorted(set(y.tolist())) == list(range(C))
+    _, y = method.sample_inputs(torch.device("cpu"))
+    k = method.cfg.gan.samples_per_class
+    assert y.tolist() == [c for c in range(C) for _ in range(k)]
+
+
+def test_generator_save_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    g = tiny_g(latent="uniform")
+    g(torch.randn(6, Z), torch.tensor([0, 1, 2, 0, 1, 2]))   # move BN statistics
+    g.save_pretrained(tmp_path / "g")
+    assert (tmp_path / "g" / "diffusion_pytorch_model.safetensors").exists()
+    g2 = Generator.from_pretrained(tmp_path / "g")
+    assert g2.config.latent == "uniform" and g2.config.num_classes == C and list(g2.config.output_range) == [-1, 1]
+    z = g2.sample_latents(4, torch.Generator().manual_seed(1))
+    assert z.min() >= -1 and z.max() <= 1 and z.shape == (4, Z)
+    y = torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(g2.eval()(z, y), g.eval()(z, y))
+    g01 = tiny_g(output_range=(0.0, 1.0)).eval()
+    x = g01(z, y)
+    assert x.min() >= 0 and x.max() <= 1
+
+
+# --- CIFAR python pickles --------------------------------------------------------------------------
+def _write_cifar(root, name, n_per_file=6, classes=10):
+    """Tiny CIFAR folders in the official format (pickled dicts with byte-string keys, protocol 2)."""
+    import pickle
+
+    import numpy as np
+    from text2image.cifar import CIFAR_FILES
+    spec = CIFAR_FILES[name]
+    folder = root / spec["folder"]
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for f in spec["train"] + spec["test"]:
+        data = rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, n_per_file).tolist()
+        d = {b"data": data, b"batch_label": f.encode()}
+        if name == "cifar10":
+            d[b"labels"] = labels
+        else:
+            d[b"fine_labels"], d[b"coarse_labels"] = labels, [y % 20 for y in labels]
+        with open(folder / f, "wb") as fh:
+            pickle.dump(d, fh, protocol=2)
+    meta = ({b"label_names": [f"c{i}".encode() for i in range(classes)]} if name == "cifar10" else
+            {b"fine_label_names": [f"f{i}".encode() for i in range(classes)],
+             b"coarse_label_names": [f"k{i}".encode() for i in range(20)]})
+    with open(folder / spec["meta"], "wb") as fh:
+        pickle.dump(meta, fh, protocol=2)
+    return folder
+
+
+def test_cifar_pickles_load_and_bad_files_are_named(tmp_path):
+    import pickle
+
+    import numpy as np
+    from text2image.cifar import CIFAR
+    folder = _write_cifar(tmp_path / "c10", "cifar10")
+    ds = CIFAR(tmp_path / "c10", "cifar10", "train", value_range=(-1, 1))
+    assert len(ds) == 30 and ds.classes[3] == "c3"
+    x, y = ds[7]
+    with open(folder / "data_batch_2", "rb") as fh:
+        raw = pickle.load(fh, encoding="bytes")
+    # row layout: 1024 R, 1024 G, 1024 B, each row-major 32x32
+    want = torch.from_numpy(raw[b"data"][1].reshape(3, 32, 32).astype(np.float32)) / 255 * 2 - 1
+    torch.testing.assert_close(x, want)
+    assert y == raw[b"labels"][1]
+    assert len(CIFAR(folder, "cifar10", "test")) == 6          # the batches folder itself works too
+    _write_cifar(tmp_path / "c100", "cifar100", classes=100)
+    ds = CIFAR(tmp_path / "c100", "cifar100", "test", label="coarse")
+    assert len(ds.classes) == 20 and 0 <= ds[0][1] < 20
+    # malformed / missing files name the file
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="data_batch_3"):
+        CIFAR(tmp_path / "c10", "cifar10", "train")
+    with open(folder / "data_batch_3", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, fh)
+    with pytest.raises(ValueError, match="data_batch_3.*3072"):
+        CIFAR(tmp_path / "c10", "cifar10", "train")
+    with open(folder / "data_batch_3", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, fh)
+    assert len(CIFAR(tmp_path / "c10", "cifar10", "train")) == 26
+    (folder / "data_batch_4").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_4"):
+        CIFAR(tmp_path / "c10", "cifar10", "train")
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        CIFAR(tmp_path / "c10", "cifar100", "train")
+
+
+def test_contragan_reads_cifar_kind(tmp_path):
+    _write_cifar(tmp_path / "c10", "cifar10")
+    method = _method(tmp_path)
+    method.cfg.data.kind, method.cfg.data.root = "cifar10", str(tmp_path / "c10")
+    models = method.build_models(method.cfg)
+    assert method.num_classes == 10 and models["d"].num_classes == 10
+    x, y = method.build_dataset(method.cfg)[0]
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1

@@ -1,45 +1,97 @@
 """ContraGAN (Kang & Park, NeurIPS 2020): a BigGAN whose discriminator is conditioned by the 2C loss.
 
-D maps an image to pooled features h, an adversarial logit ``linear1(h)`` and an embedding
-``e = linear2(h)``; the class-embedding table gives each label's proxy ``p_y`` (StudioGAN
-``src/models/big_resnet.py``, ``d_cond_mtd == "2C"``). Both are normalised inside
-:class:`cmgen.losses.TwoC` (StudioGAN ``normalize_d_embed``).
+Transcribed from PyTorch-StudioGAN at commit 947b35e9835b67860fdce44d337f6d7fee7c8db3 (HEAD):
+``src/models/big_resnet.py`` (layouts, blocks, D heads), ``src/worker.py`` (``train_discriminator`` /
+``train_generator``), ``src/utils/losses.py`` (``ConditionalContrastiveLoss``, ``GatherLayer``),
+``src/utils/ops.py`` (``init_weights``), ``src/utils/misc.py`` (``untrack_bn_statistics``),
+``src/utils/ema.py`` and ``src/config.py`` (defaults), ``src/configs/*/ContraGAN*.yaml``.
 
-Objective, as StudioGAN ``src/worker.py`` (``train_discriminator`` / ``train_generator``) applies it:
+D maps an image to pooled features h = sum_{H,W} ReLU(last map), an adversarial logit ``linear1(h)``
+and an embedding ``e = linear2(h)``; the class-embedding table gives each label's proxy ``p_y``
+(``d_cond_mtd == "2C"``). Both are normalised inside :class:`cmgen.losses.TwoC`
+(``normalize_d_embed``).
+
+Objective (paper Algorithm 1 / Eq. 8, as ``worker.py`` applies it):
 
     L_D = hinge(D(x), D(G(z, y'))) + lambda * 2C(e(x), p_y, y)              (real images, real labels)
     L_G = -mean D(G(z, y'))        + lambda * 2C(e(G(z, y')), p_y', y')     (fakes, their sampled labels)
 
-(Paper Algorithm 1 / Eq. 8: the 2C term of D uses real samples, that of G fake samples; with
-``aux_cls_type = "ADC"`` StudioGAN would also add fake terms to D, which the ContraGAN configs do not.)
-The proxies get gradients only from D's loss: they are D parameters, frozen in the G step.
+(with ``aux_cls_type = "ADC"`` StudioGAN would add fake terms to D; the ContraGAN configs do not.) The
+proxies get gradients only from D's loss: they are D parameters, frozen in the G step.
 
-Config (``src/configs/CIFAR10/ContraGAN.yaml`` on StudioGAN's defaults): BigGAN-32, g/d_conv_dim 96,
-z 80, shared 128, 512-d embedding, hinge, lambda = 1, t = 1.0, Adam 2e-4 (0.5, 0.999), 5 D steps,
-G-EMA; the tiny shapes config in ``configs/contragan/shapes.yaml`` shrinks the widths.
+Faithfulness details, each behind an option where the paper and the code differ:
+
+- Layouts: :data:`G_LAYOUT` / :data:`D_LAYOUT` give each block's in/out channel multipliers (and D's
+  downsampling) exactly as ``g_in_dims_collection`` / ``g_out_dims_collection`` /
+  ``d_in_dims_collection`` / ``d_out_dims_collection`` / ``d_down`` of big_resnet.py, for 32/64/128 px.
+- Hierarchical z: ``z`` is split into ``num_blocks + 1`` chunks; the first feeds ``linear0``, chunk
+  ``i + 1`` joins the shared class embedding as block ``i``'s cBN condition.
+- Init: orthogonal for every conv / linear / embedding (``g_init = d_init = "ortho"``), ``model.init``.
+- G's BatchNorm statistics do not move while D's updates draw fakes (``untrack_bn_statistics``;
+  :class:`text2image.gan.GANSettings` ``track_g_bn_in_d_steps``).
+- EMA of G: parameters and buffers averaged, ``num_batches_tracked`` copied (``utils/ema.py``;
+  :class:`cmgen.engine.EMA` ``buffers="average"``), ``g_ema_start`` as ``ema.start_step``.
+- Multi-process 2C: StudioGAN gathers embeddings with ``GatherLayer``, whose backward returns only
+  this rank's slice, and DDP then averages the parameter gradients over the W processes, so its 2C
+  gradient is 1/W of the exact global-batch gradient. ``model.two_c_grad = "exact"`` (default) is
+  the exact global loss (``TwoC(gather_distributed=True)``); ``"studiogan"`` keeps that value and
+  scales the 2C gradient by 1/W, reproducing StudioGAN's effective lambda / W.
+- Temperature: constant ``t`` (every StudioGAN config: 1.0), or the paper-era tempering
+  (``model.temperature_schedule = "discrete" | "continuous"`` with ``end_temperature`` and
+  ``tempering_step``; StudioGAN ``trainer.py`` at 239c1708cf6f80ed5a15b4f997fec93243168f79): discrete
+  ``t = t0 + (step // (T // (k + 1))) * (t1 - t0) / k``, continuous ``t = t0 + step * (t1 - t0) / T``
+  with T = ``train.max_steps``, k = ``tempering_step``; t0 = 2, t1 = 1, k = 1, T = 100k gives
+  t = 2.0 until step 50k, then 1.0.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from cmgen.losses import TwoC
 from text2image.gan import GANConfig, GANMethod, GANStep
 from text2image.layers import DBlock, GBlock, SelfAttention, init_weights, sn_embedding, snconv2d, snlinear
 
-__all__ = ["ContraGANModelConfig", "ShapesClassDataConfig", "ContraGANConfig", "DOutput", "Generator",
-           "Discriminator", "ContraGANMethod"]
+__all__ = ["G_LAYOUT", "D_LAYOUT", "ContraGANModelConfig", "ClassImageDataConfig", "ShapesClassDataConfig",
+           "ContraGANConfig", "DOutput", "Generator", "Discriminator", "ContraGANMethod", "draw_latents",
+           "build_class_image_dataset", "temperature_at"]
 
-# BigGAN layouts by resolution (StudioGAN big_resnet): G channel multipliers per up block from 4x4,
-# D (multiplier, downsample) per block.
-_G_ARCH = {32: (4, 4, 4), 64: (16, 8, 4, 2)}
-_D_ARCH = {32: ((2, True), (2, True), (2, False), (2, False)),
-           64: ((1, True), (2, True), (4, True), (8, True), (16, False))}
+# StudioGAN src/models/big_resnet.py (947b35e): per block, multipliers of g_conv_dim / d_conv_dim.
+# D's first block reads RGB ("in" None = 3 channels).
+G_LAYOUT = {
+    32: {"in": (4, 4, 4), "out": (4, 4, 4)},
+    64: {"in": (16, 8, 4, 2), "out": (8, 4, 2, 1)},
+    128: {"in": (16, 16, 8, 4, 2), "out": (16, 8, 4, 2, 1)},
+}
+D_LAYOUT = {
+    32: {"in": (None, 2, 2, 2), "out": (2, 2, 2, 2), "down": (True, True, False, False)},
+    64: {"in": (None, 1, 2, 4, 8), "out": (1, 2, 4, 8, 16), "down": (True, True, True, True, False)},
+    128: {"in": (None, 1, 2, 4, 8, 16), "out": (1, 2, 4, 8, 16, 16), "down": (True, True, True, True, True, False)},
+}
+_G_BOTTOM = 4  # bottom_collection: 4x4 at every size
+
+
+def draw_latents(n: int, z_dim: int, latent: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(n, z_dim)`` noise: ``"normal"`` N(0, I) or ``"uniform"`` U(-1, 1) (StudioGAN ``z_prior``,
+    ContraD ``sample_latent``)."""
+    if latent == "normal":
+        return torch.randn(n, z_dim, generator=generator)
+    if latent == "uniform":
+        return torch.rand(n, z_dim, generator=generator) * 2.0 - 1.0
+    raise ValueError(f"latent must be 'normal' or 'uniform', got {latent!r}")
+
+
+def _check_output_range(output_range: Sequence[float]) -> tuple[float, float]:
+    if len(output_range) != 2 or not float(output_range[0]) < float(output_range[1]):
+        raise ValueError(f"output_range must be (low, high) with low < high, got {output_range!r}")
+    return float(output_range[0]), float(output_range[1])
 
 
 class DOutput(NamedTuple):
@@ -52,62 +104,80 @@ class DOutput(NamedTuple):
     features: torch.Tensor
 
 
-class Generator(nn.Module):
+class Generator(ModelMixin, ConfigMixin):
     """BigGAN generator with a shared class embedding and hierarchical z (Brock et al. 2019, Sec. 3).
 
-    z (B, z_dim) is split into ``len(blocks) + 1`` chunks: the first feeds the linear map to the 4x4
-    map, each other one joins the shared embedding of y as the condition of one block's cBN.
+    A diffusers model: ``save_pretrained`` / ``from_pretrained`` (safetensors) with everything sampling
+    needs in its config (``z_dim``, ``latent``, ``num_classes``, ``output_range``).
 
     Args:
-        z_dim: must be divisible by the number of chunks (4 at 32 px, 5 at 64 px).
-        shared_dim: size of the shared class embedding.
-        num_classes, channels (``g_conv_dim``), image_size (32 or 64).
-        attention_at: resolution after which a self-attention block runs (16 in StudioGAN's 32 px
-            config), None for none.
+        z_dim: divisible by ``len(G_LAYOUT[image_size]["in"]) + 1`` (4 at 32 px, 5 at 64, 6 at 128).
+        shared_dim: size of the shared class embedding (``g_shared_dim``).
+        num_classes, channels (``g_conv_dim``), image_size (32, 64 or 128).
+        attention_at: resolution after whose block self-attention runs (16 at 32 px = ``attn_g_loc
+            [2]``; 32 at 64 px = [3]; 64 at 128 px = [4]), None for none.
+        sn: spectral norm on every layer (``apply_g_sn``); init: see :func:`text2image.layers.init_weights`.
+        latent: ``"normal"`` or ``"uniform"`` (``z_prior``), used by :meth:`sample_latents`.
+        output_range: tanh mapped to this range; StudioGAN's is (-1, 1).
 
-    Shapes: z (B, z_dim), y (B,) int64 -> images (B, 3, image_size, image_size) in [-1, 1] (tanh).
+    Shapes: z (B, z_dim), y (B,) int64 -> images (B, 3, image_size, image_size) in ``output_range``.
     """
 
+    @register_to_config
     def __init__(self, z_dim: int = 80, shared_dim: int = 128, num_classes: int = 10, channels: int = 96,
-                 image_size: int = 32, attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho"):
+                 image_size: int = 32, attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho",
+                 latent: str = "normal", output_range: Sequence[float] = (-1.0, 1.0)):
         super().__init__()
-        if image_size not in _G_ARCH:
-            raise ValueError(f"image_size must be one of {sorted(_G_ARCH)}, got {image_size}")
-        mults = _G_ARCH[image_size]
-        chunks = len(mults) + 1
+        if image_size not in G_LAYOUT:
+            raise ValueError(f"image_size must be one of {sorted(G_LAYOUT)}, got {image_size}")
+        if num_classes < 1:
+            raise ValueError(f"ContraGAN's generator is class-conditional: num_classes >= 1, got {num_classes}")
+        if latent not in ("normal", "uniform"):
+            raise ValueError(f"latent must be 'normal' or 'uniform', got {latent!r}")
+        self.range = _check_output_range(output_range)
+        layout = G_LAYOUT[image_size]
+        chunks = len(layout["in"]) + 1
         if z_dim % chunks:
             raise ValueError(f"z_dim={z_dim} must be divisible by {chunks} (hierarchical z at {image_size} px)")
         self.z_dim, self.num_classes, self.chunk = z_dim, num_classes, z_dim // chunks
-        self.bottom_channels = channels * mults[0]
+        self.bottom_channels = channels * layout["in"][0]
         self.shared = nn.Embedding(num_classes, shared_dim)
-        self.linear0 = snlinear(self.chunk, self.bottom_channels * 4 * 4, sn=sn)
+        self.linear0 = snlinear(self.chunk, self.bottom_channels * _G_BOTTOM * _G_BOTTOM, sn=sn)
         cond_dim = shared_dim + self.chunk
-        blocks, in_ch, res = [], self.bottom_channels, 4
-        valid_attention = [4 * 2 ** (i + 1) for i in range(len(mults))]
+        valid_attention = [_G_BOTTOM * 2 ** (i + 1) for i in range(len(layout["in"]))]
         if attention_at is not None and attention_at not in valid_attention:
             raise ValueError(f"attention_at must be one of {valid_attention} or None, got {attention_at}")
+        blocks, res = [], _G_BOTTOM
         self.attention_index, self.attention = None, None
-        for i, m in enumerate(mults):
-            blocks.append(GBlock(in_ch, channels * m, cond_dim, sn))
-            in_ch, res = channels * m, res * 2
+        for i, (m_in, m_out) in enumerate(zip(layout["in"], layout["out"])):
+            blocks.append(GBlock(channels * m_in, channels * m_out, cond_dim, sn))
+            res *= 2
             if res == attention_at:
-                self.attention_index, self.attention = i, SelfAttention(in_ch, sn)
+                self.attention_index, self.attention = i, SelfAttention(channels * m_out, sn)
         self.blocks = nn.ModuleList(blocks)
-        self.bn = nn.BatchNorm2d(in_ch, eps=1e-4)
-        self.conv_out = snconv2d(in_ch, 3, 3, 1, 1, sn=sn)
+        out_ch = channels * layout["out"][-1]
+        self.bn = nn.BatchNorm2d(out_ch, eps=1e-4)
+        self.conv_out = snconv2d(out_ch, 3, 3, 1, 1, sn=sn)
         init_weights(self, init)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(n, z_dim)`` noise from the configured prior, on CPU."""
+        return draw_latents(n, self.z_dim, self.config.latent, generator)
+
+    def forward(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        if y is None:
+            raise ValueError("ContraGAN's generator needs class labels y (B,)")
         if z.dim() != 2 or z.shape[1] != self.z_dim or y.shape != (z.shape[0],):
             raise ValueError(f"need z (B, {self.z_dim}) and y (B,), got {tuple(z.shape)} and {tuple(y.shape)}")
         zs = z.split(self.chunk, dim=1)
         shared = self.shared(y)                                          # (B, shared_dim)
-        h = self.linear0(zs[0]).view(z.shape[0], self.bottom_channels, 4, 4)
+        h = self.linear0(zs[0]).view(z.shape[0], self.bottom_channels, _G_BOTTOM, _G_BOTTOM)
         for i, block in enumerate(self.blocks):
-            h = block(h, torch.cat([shared, zs[i + 1]], dim=1))
+            h = block(h, torch.cat([shared, zs[i + 1]], dim=1))          # block i <- z chunk i + 1
             if i == self.attention_index:
                 h = self.attention(h)
-        return torch.tanh(self.conv_out(F.relu(self.bn(h))))
+        lo, hi = self.range
+        return lo + (hi - lo) * 0.5 * (torch.tanh(self.conv_out(F.relu(self.bn(h)))) + 1.0)
 
 
 class Discriminator(nn.Module):
@@ -117,8 +187,10 @@ class Discriminator(nn.Module):
     proxies = embedding(y) (B, E). All layers spectral-normed (StudioGAN ``apply_d_sn``).
 
     Args:
-        num_classes, channels (``d_conv_dim``), embed_dim (``d_embed_dim``), image_size (32 or 64),
-        attention_at: resolution after which self-attention runs (16 at 32 px), None for none.
+        num_classes, channels (``d_conv_dim``), embed_dim (``d_embed_dim``), image_size (32, 64, 128),
+        attention_at: resolution of the feature map after whose block self-attention runs (16 at 32 px =
+            ``attn_d_loc [1]``), None for none.
+        init: see :func:`text2image.layers.init_weights`.
 
     Shapes: images (B, 3, S, S), y (B,) int64 -> :class:`DOutput`.
     """
@@ -126,21 +198,24 @@ class Discriminator(nn.Module):
     def __init__(self, num_classes: int = 10, channels: int = 96, embed_dim: int = 512, image_size: int = 32,
                  attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho"):
         super().__init__()
-        if image_size not in _D_ARCH:
-            raise ValueError(f"image_size must be one of {sorted(_D_ARCH)}, got {image_size}")
+        if image_size not in D_LAYOUT:
+            raise ValueError(f"image_size must be one of {sorted(D_LAYOUT)}, got {image_size}")
         self.num_classes, self.image_size = num_classes, image_size
-        blocks, in_ch, res = [], 3, image_size
+        layout = D_LAYOUT[image_size]
+        blocks, res = [], image_size
         self.attention_index, self.attention = None, None
-        for i, (m, down) in enumerate(_D_ARCH[image_size]):
-            blocks.append(DBlock(in_ch, channels * m, downsample=down, optimized=i == 0, sn=sn))
-            in_ch, res = channels * m, res // 2 if down else res
+        for i, (m_in, m_out, down) in enumerate(zip(layout["in"], layout["out"], layout["down"])):
+            in_ch = 3 if m_in is None else channels * m_in
+            blocks.append(DBlock(in_ch, channels * m_out, downsample=down, optimized=i == 0, sn=sn))
+            res = res // 2 if down else res
             if res == attention_at and self.attention is None:
-                self.attention_index, self.attention = i, SelfAttention(in_ch, sn)
+                self.attention_index, self.attention = i, SelfAttention(channels * m_out, sn)
         if attention_at is not None and self.attention is None:
             raise ValueError(f"attention_at={attention_at} is not a feature-map size of the {image_size} px D")
         self.blocks = nn.ModuleList(blocks)
-        self.linear1 = snlinear(in_ch, 1, sn=sn)
-        self.linear2 = snlinear(in_ch, embed_dim, sn=sn)
+        out_ch = channels * layout["out"][-1]
+        self.linear1 = snlinear(out_ch, 1, sn=sn)
+        self.linear2 = snlinear(out_ch, embed_dim, sn=sn)
         self.embedding = sn_embedding(num_classes, embed_dim, sn=sn)
         init_weights(self, init)
 
@@ -156,6 +231,20 @@ class Discriminator(nn.Module):
         return DOutput(self.linear1(h).squeeze(1), self.linear2(h), self.embedding(y), h)
 
 
+def temperature_at(step: int, start: float, end: float, schedule: str, tempering_step: int, total: int) -> float:
+    """The 2C temperature at ``step`` (paper-era StudioGAN ``trainer.py``, see the module docstring)."""
+    if schedule == "constant":
+        return start
+    if schedule == "continuous":
+        return start + step * (end - start) / total
+    if schedule == "discrete":
+        if tempering_step < 1:
+            raise ValueError(f"model.tempering_step must be >= 1, got {tempering_step}")
+        interval = total // (tempering_step + 1)
+        return start + (step // interval) * (end - start) / tempering_step
+    raise ValueError(f"model.temperature_schedule must be constant, continuous or discrete, got {schedule!r}")
+
+
 @dataclass
 class ContraGANModelConfig:
     """Model and 2C-loss hyperparameters (StudioGAN names in brackets)."""
@@ -166,42 +255,86 @@ class ContraGANModelConfig:
     g_channels: int = 96                  # g_conv_dim
     d_channels: int = 96                  # d_conv_dim
     embed_dim: int = 512                  # d_embed_dim
-    attention_at: Optional[int] = 16      # apply_attn with attn_g_loc / attn_d_loc at 16x16
+    attention_at: Optional[int] = 16      # apply_attn with attn_g_loc / attn_d_loc, as a resolution
     sn_g: bool = True                     # apply_g_sn
     init: str = "ortho"                   # g_init = d_init (text2image.layers.init_weights)
+    latent: Literal["normal", "uniform"] = "normal"   # z_prior
     cond_lambda: float = 1.0              # lambda of the 2C terms
-    temperature: float = 1.0              # t
+    temperature: float = 1.0              # t (start_temperature under a schedule)
+    temperature_schedule: Literal["constant", "continuous", "discrete"] = "constant"
+    end_temperature: float = 1.0
+    tempering_step: int = 1
     pos_collected_numerator: bool = True
     gather_distributed: bool = True       # 2C over the global batch under DDP (no-op on one process)
+    two_c_grad: Literal["exact", "studiogan"] = "exact"   # multi-process 2C gradient (module docstring)
 
 
 @dataclass
-class ShapesClassDataConfig:
-    """The class-conditional ImageFolder of the embedded ``shapes`` data (class = primary shape).
+class ClassImageDataConfig:
+    """Class-conditional training images.
 
-    ``root``: a shapes dataset root (``imagefolder/train``, ``annotations/attributes_train.json``); None
-    means cmgen's embedded shapes at its one location, ``data/shapes-<digest>`` (or under ``$CMGEN_DATA``),
-    written with ``cmgen.data.write_shapes(num_images, model.image_size, seed)`` on first use.
-    ``generate``: ``auto`` (write only at that default location), ``always`` or ``never``; a root given
-    here is never replaced by generated data (:func:`cmgen.data.prepare_embedded_data`).
+    ``kind``: ``"shapes"`` (the embedded data, class = primary shape; written with
+    ``cmgen.data.write_shapes(root, num_images, image_size, seed)`` if missing, ``root`` None =
+    ``<run.output_dir>/data/shapes_<image_size>px``), ``"cifar10"`` / ``"cifar100"`` (the python pickle
+    folder under ``root``, :class:`text2image.cifar.CIFAR`) or ``"imagefolder"`` (``root`` = a class-per-
+    folder tree such as Tiny ImageNet's or ImageNet's train split, resized to the model's image size).
+    ``hflip``: random horizontal flip (StudioGAN ``apply_rflip``).
     """
 
+    kind: Literal["shapes", "cifar10", "cifar100", "imagefolder"] = "shapes"
     root: Optional[str] = None
-    generate: Literal["auto", "always", "never"] = "auto"
     num_images: int = 512
     seed: int = 0
     hflip: bool = True
+
+
+ShapesClassDataConfig = ClassImageDataConfig  # earlier name
 
 
 @dataclass
 class ContraGANConfig(GANConfig):
     method: str = "contragan"
     model: ContraGANModelConfig = field(default_factory=ContraGANModelConfig)
-    data: ShapesClassDataConfig = field(default_factory=ShapesClassDataConfig)
+    data: ClassImageDataConfig = field(default_factory=ClassImageDataConfig)
 
 
 def _random_hflip(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1) if torch.rand(()) < 0.5 else x
+
+
+def _shapes_root(cfg, image_size: int) -> Path:
+    d = cfg.data
+    return Path(d.root) if d.root else Path(cfg.run.output_dir) / "data" / f"shapes_{image_size}px"
+
+
+def build_class_image_dataset(cfg, image_size: int, value_range: Sequence[float]):
+    """``(dataset of (image, label), class names)`` for a :class:`ClassImageDataConfig` ``cfg.data``."""
+    d = cfg.data
+    flip = _random_hflip if d.hflip else None
+    if d.kind == "shapes":
+        from cmgen.data import ensure_dataset, write_shapes
+        from text2image.data import ShapesAttributes, class_conditional_imagefolder
+        root = _shapes_root(cfg, image_size)
+        ensure_dataset(root, ".", lambda: write_shapes(root, num_images=d.num_images, image_size=image_size,
+                                                       seed=d.seed, progress=False))
+        classes = ShapesAttributes(root, "train").classes
+        return class_conditional_imagefolder(root / "imagefolder" / "train", image_size, flip, value_range,
+                                             classes), classes
+    if d.kind in ("cifar10", "cifar100"):
+        from text2image.cifar import CIFAR
+        if not d.root:
+            raise ValueError(f"data.root must name the folder holding the {d.kind} python pickles")
+        if image_size != 32:
+            raise ValueError(f"data.kind={d.kind} has 32 px images; model.image_size is {image_size}")
+        ds = CIFAR(d.root, d.kind, "train", value_range, transform=flip)
+        return ds, ds.classes
+    if d.kind == "imagefolder":
+        from text2image.data import class_conditional_imagefolder
+        if not d.root:
+            raise ValueError("data.root must name a class-per-folder image tree for data.kind=imagefolder")
+        ds = class_conditional_imagefolder(d.root, image_size, flip, value_range)
+        return ds, list(ds.classes)
+    raise ValueError(f"data.kind must be shapes, cifar10, cifar100 or imagefolder, got {d.kind!r}")
 
 
 class ContraGANMethod(GANMethod):
@@ -212,67 +345,66 @@ class ContraGANMethod(GANMethod):
     def __init__(self, cfg: ContraGANConfig):
         super().__init__(cfg)
         m = cfg.model
+        if m.two_c_grad not in ("exact", "studiogan"):
+            raise ValueError(f"model.two_c_grad must be 'exact' or 'studiogan', got {m.two_c_grad!r}")
+        temperature_at(0, m.temperature, m.end_temperature, m.temperature_schedule, m.tempering_step,
+                       max(1, cfg.train.max_steps))  # validates the schedule settings
         self.two_c = TwoC(temperature=m.temperature, pos_collected_numerator=m.pos_collected_numerator,
                           gather_distributed=m.gather_distributed)
         self.num_classes: Optional[int] = None
+        self._dataset = None
 
-    def _ensure_data(self) -> Path:
-        """The data root, the embedded shapes written on first use (resolved once: it waits on every rank)."""
-        if getattr(self, "_root_cache", None) is None:
-            from cmgen.data import prepare_embedded_data
-
-            d = self.cfg.data
-            self._root_cache = prepare_embedded_data(
-                d.root, "shapes", dict(num_images=d.num_images, image_size=self.cfg.model.image_size, seed=d.seed),
-                d.generate, required=("imagefolder/train", "annotations/attributes_train.json"))
-        return self._root_cache
-
-    def _classes(self) -> list[str]:
-        from text2image.data import ShapesAttributes
-        return ShapesAttributes(self._ensure_data(), "train").classes
+    def _data(self):
+        if self._dataset is None:
+            self._dataset = build_class_image_dataset(self.cfg, self.cfg.model.image_size, self.output_range)
+        return self._dataset
 
     def build_models(self, cfg: ContraGANConfig) -> dict[str, nn.Module]:
         m = cfg.model
-        self.num_classes = len(self._classes())
+        self.num_classes = len(self._data()[1])
         return {"g": Generator(m.z_dim, m.shared_dim, self.num_classes, m.g_channels, m.image_size,
-                               m.attention_at, m.sn_g, m.init),
+                               m.attention_at, m.sn_g, m.init, m.latent, self.output_range),
                 "d": Discriminator(self.num_classes, m.d_channels, m.embed_dim, m.image_size, m.attention_at,
                                    init=m.init)}
 
     def build_dataset(self, cfg: ContraGANConfig):
-        from text2image.data import class_conditional_imagefolder
-        classes = self._classes()
-        root = self._ensure_data() / "imagefolder" / "train"
-        return class_conditional_imagefolder(root, cfg.model.image_size, _random_hflip if cfg.data.hflip else None,
-                                             (-1.0, 1.0), classes)
+        return self._data()[0]
 
     def sample_latents(self, n: int, device: torch.device, generator: torch.Generator | None = None,
                        cond_real=None):
-        """z ~ N(0, I) (B, z_dim) and labels uniform over classes (StudioGAN ``y_sampler="totally_random"``)."""
+        """z from ``model.latent`` (B, z_dim) and labels uniform over all classes (StudioGAN
+        ``y_sampler="totally_random"``); the reals' labels are not used."""
         if self.num_classes is None:
             raise ValueError("build_models must run before sampling (the class count comes from the data)")
-        z = torch.randn(n, self.cfg.model.z_dim, generator=generator)
+        z = draw_latents(n, self.cfg.model.z_dim, self.cfg.model.latent, generator)
         y = torch.randint(self.num_classes, (n,), generator=generator)
         return z.to(device), y.to(device)
 
     def sample_inputs(self, device: torch.device):
-        """``samples_per_class`` fixed z per class, class-major (one grid row per class when square)."""
+        """``samples_per_class`` fixed z per class, class-major: labels ``arange(C).repeat_interleave(k)``,
+        so the grid has one row per class when ``samples_per_class`` equals the number of classes."""
         if self._fixed is None:
             gen = torch.Generator().manual_seed(self.cfg.gan.sample_seed)
             k = self.cfg.gan.samples_per_class
-            z = torch.randn(self.num_classes * k, self.cfg.model.z_dim, generator=gen)
+            z = draw_latents(self.num_classes * k, self.cfg.model.z_dim, self.cfg.model.latent, gen)
             self._fixed = (z, torch.arange(self.num_classes).repeat_interleave(k))
         z, y = self._fixed
         return z.to(device), y.to(device)
 
+    def _two_c(self, s: GANStep, out: DOutput, labels: torch.Tensor) -> torch.Tensor:
+        m = self.cfg.model
+        self.two_c.temperature = temperature_at(s.step, m.temperature, m.end_temperature, m.temperature_schedule,
+                                                m.tempering_step, max(1, self.cfg.train.max_steps))
+        loss = self.two_c(out.embeddings, out.proxies, labels)
+        w = s.ctx.world_size if s.ctx is not None else 1
+        if m.two_c_grad == "studiogan" and w > 1:
+            loss = loss / w + (loss - loss / w).detach()   # same value, gradient / W (GatherLayer + DDP mean)
+        return m.cond_lambda * loss
+
     def d_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         """Hinge + ``lambda * 2C(e(x), p_y, y)`` on the reals with their real labels."""
-        lam = self.cfg.model.cond_lambda
-        return {**super().d_loss(s),
-                "d_2c": lam * self.two_c(s.out_real.embeddings, s.out_real.proxies, s.cond_real)}
+        return {**super().d_loss(s), "d_2c": self._two_c(s, s.out_real, s.cond_real)}
 
     def g_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         """Hinge + ``lambda * 2C(e(G(z, y')), p_y', y')`` on the fakes with their sampled labels."""
-        lam = self.cfg.model.cond_lambda
-        return {**super().g_loss(s),
-                "g_2c": lam * self.two_c(s.out_fake.embeddings, s.out_fake.proxies, s.cond_fake)}
+        return {**super().g_loss(s), "g_2c": self._two_c(s, s.out_fake, s.cond_fake)}
