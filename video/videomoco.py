@@ -61,8 +61,10 @@ Where this differs from the official code:
   :func:`cmgen.distributed.batch_shuffle` is the identity (there is nothing to shuffle across), so a
   single-process run's key encoder normalises its batch with its own statistics and the leak shuffle-BN
   guards against is not prevented (the official code does not run without DDP at all).
-- Under DDP the official objective backpropagates twice through one forward, as ``train.py`` does
-  (with ``find_unused_parameters=True``); it is tested here in one process.
+- ``train.py`` backpropagates twice through one DDP forward (``loss_g`` with ``retain_graph``, then
+  ``loss_d``). Done that way with current PyTorch, DDP all-reduces only the first backward and the
+  ranks drift apart (seen in a 2-process run of an earlier version of this step). Here the same
+  gradients come from one backward pass (see :meth:`VideoMoCoMethod.train_step`), all-reduced once.
 """
 from __future__ import annotations
 
@@ -360,6 +362,16 @@ class VideoMoCoConfig(ExperimentConfig):
     optim_g: Optional[OptimConfig] = None  # G's optimizer; None = same settings as ``optim``
 
 
+def _as_backward(ctx: StepContext, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` as ``ctx.backward`` would differentiate it: divided by the accumulation steps and scaled
+    by the fp16 grad scaler (when the context has an Accelerator)."""
+    acc = getattr(ctx, "accelerator", None)
+    if acc is None:
+        return loss
+    loss = loss / acc.gradient_accumulation_steps
+    return acc.scaler.scale(loss) if acc.scaler is not None else loss
+
+
 # --------------------------------------------------------------------------------------------------
 # the engine method
 # --------------------------------------------------------------------------------------------------
@@ -440,13 +452,19 @@ class VideoMoCoMethod(Method):
             loss_g = torch.zeros((), device=loss_d.device)
         elif m.g_objective == "official":
             # train.py::train: one forward; loss_g backward with D frozen; loss_d backward on top of
-            # G's gradients (not zeroed); both optimizers step.
+            # G's gradients (not zeroed); both optimizers step. Same gradients with ONE backward pass, so
+            # DDP all-reduces once: loss_g's gradient for G alone (autograd.grad never reaches D's
+            # parameters), added to G's .grad before loss_d's backward, whose all-reduce then averages
+            # the sum (DDP reduces the accumulated .grad).
             x_fake, _ = g(im_q)
             q_real, q_fake = d(im_q, x_fake)
             loss_d = moco.loss(q_fake, k, negatives, weights)
-            with ctx.frozen("d"):
-                loss_g = -self.g_weight * F.l1_loss(q_fake, q_real)
-                ctx.backward(loss_g, retain_graph=True)
+            loss_g = -self.g_weight * F.l1_loss(q_fake, q_real)
+            g_params = [p for p in ctx.unwrap("g").parameters() if p.requires_grad]
+            grads = torch.autograd.grad(_as_backward(ctx, loss_g), g_params, retain_graph=True, allow_unused=True)
+            for p, grad in zip(g_params, grads):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else p.grad + grad
             ctx.backward(loss_d)
             ctx.step("g")
             ctx.step("d")
