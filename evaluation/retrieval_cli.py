@@ -14,8 +14,9 @@ files (:mod:`evaluation.benchmarks`), and the scores from one of
 - ``--embeddings E.npz`` (arrays ``text`` (num_queries, D), ``video`` (num_videos, D), optional
   ``video_ids`` to match rows to videos by id) or ``--text-emb`` / ``--video-emb`` ``.npy`` files;
 - ``--checkpoint RUN_OR_CHECKPOINT`` with ``--features`` (npy folder / safetensors / HDF5) or
-  ``--videos`` (video files): the trained method embeds the split, streaming the embeddings to
-  ``--save-embeddings`` (default ``<out>.embeddings.npz`` or a temporary file). The method class must
+  ``--videos`` (video files): the trained method embeds the split, streaming the embeddings to the
+  folder ``--save-embeddings`` (default ``<out stem>_embeddings/`` or a temporary folder), which
+  ``--embeddings`` reads back. The method class must
   provide ``embed_for_retrieval`` (``video.supportset`` does).
 
 ``--videos`` / ``--features`` (or ``video_ids`` in the embeddings) are checked against the split: missing
@@ -56,8 +57,9 @@ class CLIError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("scores (one of)")
     src.add_argument("--sims", default=None, help=".npy similarity matrix (num_texts, num_videos), rows = captions")
-    src.add_argument("--embeddings", default=None, metavar="E.npz",
-                     help=".npz with arrays text (num_texts, D), video (num_videos, D) [, video_ids]")
+    src.add_argument("--embeddings", default=None, metavar="E.npz|DIR",
+                     help=".npz with arrays text (num_texts, D), video (num_videos, D) [, video_ids], or a folder "
+                          "with text.npy, video.npy [, video_ids.json] (what --checkpoint writes)")
     src.add_argument("--text-emb", default=None, help=".npy text embeddings (num_texts, D)")
     src.add_argument("--video-emb", default=None, help=".npy video embeddings (num_videos, D)")
     src.add_argument("--checkpoint", default=None,
@@ -74,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="pre-extracted features: folder of <video_id>.npy, a .safetensors or an .h5 file")
     bench.add_argument("--allow-missing", action="store_true",
                        help="evaluate a test set with missing videos (the table says how many)")
-    bench.add_argument("--save-embeddings", default=None, help="with --checkpoint: where to stream the embeddings")
+    bench.add_argument("--save-embeddings", default=None,
+                       help="with --checkpoint: folder the embeddings stream to (text.npy, video.npy, video_ids.json)")
     bench.add_argument("--batch-size", type=int, default=64, help="with --checkpoint: items embedded at a time")
     bench.add_argument("--device", default=None, help="with --checkpoint: torch device (default cuda if available)")
     parser.add_argument("--ties", default="average", choices=TIES, help="tie handling (default: average)")
@@ -141,6 +144,12 @@ def _load_npy(path: str, what: str, mmap: bool = False) -> np.ndarray:
 
 
 def _load_embeddings(args) -> tuple[np.ndarray, np.ndarray, list[str] | None, str]:
+    if args.embeddings and Path(args.embeddings).is_dir():  # written by --checkpoint / embed_for_retrieval
+        d = Path(args.embeddings)
+        ids_file = d / "video_ids.json"
+        ids = [str(v) for v in json.loads(ids_file.read_text())] if ids_file.is_file() else None
+        return (_load_npy(str(d / "text.npy"), "text embeddings", True),
+                _load_npy(str(d / "video.npy"), "video embeddings", True), ids, str(d))
     if args.embeddings:
         try:
             with np.load(args.embeddings, allow_pickle=False) as z:
@@ -199,13 +208,15 @@ def embed_from_checkpoint(args, split, source) -> tuple[np.ndarray, np.ndarray]:
     method = resolve_method(cfg.method)(cfg)
     if not hasattr(method, "embed_for_retrieval"):
         raise CLIError(f"{ckpt}: method {cfg.method!r} cannot embed videos and texts (no embed_for_retrieval)")
+    if hasattr(method, "use_video_source"):
+        method.use_video_source(source)
     models = method.build_models(cfg)
     for name, model in models.items():
         model.load_state_dict(load_model_state(ckpt, name))
         model.eval()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = args.save_embeddings or (str(Path(args.out).with_suffix(".embeddings.npz")) if args.out else
-                                   os.path.join(tempfile.mkdtemp(prefix="cmgen-emb-"), "embeddings.npz"))
+    out = args.save_embeddings or (str(Path(args.out).with_suffix("")) + "_embeddings" if args.out else
+                                   tempfile.mkdtemp(prefix="cmgen-emb-"))
     text, video = method.embed_for_retrieval(models, split, source, out_path=out, batch_size=args.batch_size,
                                              device=device)
     print(f"embeddings of {split.num_texts} queries and {split.num_videos} videos written to {out}", file=sys.stderr)

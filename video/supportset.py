@@ -278,6 +278,7 @@ class SupportSetModel(nn.Module):
             self.frontend: nn.Module = ClipFeatures(m.backbone, m.backbone_width, m.clip_frames, m.weights_path)
             in_dim = self.frontend.feature_dim
         elif m.video_input == "features":
+            feature_dim = feature_dim or m.feature_dim
             if not feature_dim:
                 raise ValueError("model.video_input='features' needs model.feature_dim (or data to infer it from)")
             self.frontend, in_dim = nn.Identity(), feature_dim
@@ -358,11 +359,12 @@ class SupportSetModel(nn.Module):
         size = self.memory_keys.shape[0]
         if size == 0:
             return
-        keys, index = keys[-size:], index[-size:]
-        slots = (self.memory_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.memory_keys[slots] = keys.to(self.memory_keys.dtype)
-        self.memory_index[slots] = index.to(self.memory_index.device)
-        self.memory_ptr.fill_(int((self.memory_ptr + keys.shape[0]) % size))
+        n = keys.shape[0]
+        # as n single writes in order: only the last ``size`` survive, at their ring positions
+        slots = ((self.memory_ptr + torch.arange(n, device=self.memory_ptr.device)) % size)[-size:]
+        self.memory_keys[slots] = keys[-size:].to(self.memory_keys)
+        self.memory_index[slots] = index[-size:].to(self.memory_index.device)
+        self.memory_ptr.fill_(int((self.memory_ptr + n) % size))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,6 +510,12 @@ class SupportSetMethod(Method):
         super().__init__(cfg)
         self._root: Path | None = None
         self._eval_split = None
+        self._source_override = None
+
+    def use_video_source(self, source) -> None:
+        """Embed from ``source`` (a :class:`evaluation.benchmarks.VideoFiles` or feature store) instead
+        of ``data.videos`` / ``data.features``; ``cmgen eval retrieval --checkpoint`` calls it."""
+        self._source_override = source
 
     def _data_root(self) -> Path:
         if self._root is None:
@@ -529,6 +537,8 @@ class SupportSetMethod(Method):
     def _source(self):
         from evaluation.benchmarks import VideoFiles, open_features
 
+        if self._source_override is not None:
+            return self._source_override
         d, root = self.cfg.data, self._data_root()
         if d.features:
             p = Path(d.features)
@@ -552,8 +562,12 @@ class SupportSetMethod(Method):
         m = cfg.model
         feature_dim = m.feature_dim
         if m.video_input == "features" and not feature_dim:
-            first = self._split(cfg.data.train_benchmark, cfg.data.train_split, cfg.data.train_kwargs)
-            feature_dim = int(self._source()[first.video_ids[0]].shape[1])
+            source = self._source()
+            if self._source_override is not None:  # evaluation: any video of the given source
+                feature_dim = int(source[source.keys()[0]].shape[1])
+            else:
+                first = self._split(cfg.data.train_benchmark, cfg.data.train_split, cfg.data.train_kwargs)
+                feature_dim = int(source[first.video_ids[0]].shape[1])
         return {"model": SupportSetModel(m, feature_dim)}
 
     def build_dataset(self, cfg: SupportSetConfig) -> Dataset:
@@ -660,7 +674,7 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float) -> 
         cfg = load_config(config, common + overrides + [f"run.name=supportset-{name.split()[0]}",
                                                         f"train.max_steps={steps}", f"train.eval_every={steps}"])
         metrics = train(cfg).metrics
-        results[name] = {k: float(metrics[k]) for k in ("t2v_R@1", "t2v_R@5", "t2v_MdR", "v2t_R@1", "v2t_R@5",
+        results[name] = {k: float(metrics[f"eval/{k}"]) for k in ("t2v_R@1", "t2v_R@5", "t2v_MdR", "v2t_R@1", "v2t_R@5",
                                                          "v2t_MdR")}
         rows.append(f"| {name} | " + " | ".join(f"{results[name][k]:.1f}" for k in results[name]) + " |")
     n = SupportSetMethod(cfg)._eval_data().num_videos

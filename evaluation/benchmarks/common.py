@@ -194,6 +194,10 @@ class FeatureStore:
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._keys or f"v_{video_id}" in self._keys
 
+    def keys(self) -> list[str]:
+        """The stored video ids, sorted."""
+        return sorted(self._keys)
+
     def __getitem__(self, video_id: str) -> np.ndarray:
         key = video_id if video_id in self._keys else f"v_{video_id}"
         if key not in self._keys:
