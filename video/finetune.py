@@ -239,8 +239,8 @@ def load_pretrained_encoder(encoder: nn.Module, path: str | os.PathLike, model_n
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class MovingDigitsSpec:
-    """What :func:`cmgen.data.write_moving_digits` writes when ``data.generate`` and the root is missing
-    (the same defaults as ``configs/videomoco/moving_digits.yaml``, so both share one folder)."""
+    """The embedded moving digits used when ``data.root`` is null (:func:`cmgen.data.prepare_embedded_data`;
+    the same settings as ``configs/videomoco/moving_digits.yaml``, so both use one folder)."""
     num_videos: int = 64
     num_frames: int = 16
     frame_size: int = 32
@@ -253,7 +253,8 @@ class MovingDigitsSpec:
 @dataclass
 class FinetuneDataConfig:
     dataset: Literal["ucf101", "hmdb51"] = "ucf101"
-    root: str = "data/moving_digits/ucf101"   # ucf101: holds UCF-101/ and ucfTrainTestlist/
+    root: Optional[str] = None                 # ucf101: holds UCF-101/ and ucfTrainTestlist/; null: embedded
+                                               # moving digits (its ucf101/ folder), written on first use
     video_dir: str = "UCF-101"                 # relative to root (hmdb51: e.g. hmdb51_org)
     split_dir: str = "ucfTrainTestlist"        # relative to root (hmdb51: testTrainMulti_7030_splits)
     split: int = 1
@@ -269,7 +270,7 @@ class FinetuneDataConfig:
     eval_videos: Optional[int] = None          # stratified subset of test videos per evaluation; None: all
     eval_batch_videos: int = 4                 # test videos per forward batch (x clips each)
     label_field: Optional[str] = None          # moving digits only: "digit" or "direction" from labels.json
-    generate: bool = False                     # write moving digits at root/.. when missing
+    generate: Literal["auto", "always", "never"] = "auto"   # embedded data only (root null)
     moving_digits: MovingDigitsSpec = field(default_factory=MovingDigitsSpec)
 
 
@@ -301,22 +302,25 @@ class FinetuneConfig(ExperimentConfig):
     protocol: FinetuneProtocolConfig = field(default_factory=FinetuneProtocolConfig)
 
 
-def _ensure_data(d: FinetuneDataConfig) -> None:
-    if not d.generate:
-        return
-    from cmgen.data import ensure_dataset, write_moving_digits
-    md, parent = d.moving_digits, Path(d.root).parent
-    if d.dataset != "ucf101" or Path(d.root).name != "ucf101":
-        raise ValueError(f"data.generate writes moving digits; it needs data.dataset=ucf101 and a data.root "
-                         f"ending in /ucf101, got {d.dataset!r}, {d.root!r}")
-    ensure_dataset(parent, "ucf101/ucfTrainTestlist/classInd.txt", lambda: write_moving_digits(
-        parent, num_videos=md.num_videos, num_frames=md.num_frames, size=md.frame_size, digit_size=md.digit_size,
-        speed=md.speed, clips_per_group=md.clips_per_group, seed=md.seed, progress=False))
+def _data_root(d: FinetuneDataConfig) -> Path:
+    """``data.root``, or the embedded moving digits' ``ucf101`` folder (written on first use)."""
+    if d.root is not None and str(d.root) != "":
+        return Path(d.root)
+    if d.dataset != "ucf101":
+        raise ValueError(f"data.root=null means the embedded moving digits in UCF101 format; data.dataset="
+                         f"{d.dataset!r} needs a data.root")
+    from cmgen.data import prepare_embedded_data
+    md = d.moving_digits
+    base = prepare_embedded_data(None, "moving-digits", dict(
+        num_videos=md.num_videos, num_frames=md.num_frames, size=md.frame_size, digit_size=md.digit_size,
+        speed=md.speed, clips_per_group=md.clips_per_group, seed=md.seed), d.generate,
+        required=("ucf101/UCF-101", "ucf101/ucfTrainTestlist/classInd.txt"))
+    return base / "ucf101"
 
 
 def _relabel(ds: UCF101, d: FinetuneDataConfig) -> None:
     """Labels from moving digits' ``labels.json`` (``digit`` or ``direction``) instead of the split files."""
-    path = Path(d.root).parent / "labels.json"
+    path = _data_root(d).parent / "labels.json"
     if not path.is_file():
         raise ValueError(f"data.label_field={d.label_field!r} needs moving digits' labels.json at {path}")
     info = json.loads(path.read_text())
@@ -338,8 +342,7 @@ def _relabel(ds: UCF101, d: FinetuneDataConfig) -> None:
 def build_action_dataset(d: FinetuneDataConfig, train_split: bool, augment: bool, clips_per_video: int = 1) -> UCF101:
     """The UCF101/HMDB51 videos of ``d.split`` (train or test list): random augmented clips
     (``augment``) or ``clips_per_video`` evenly spaced centre-cropped clips per item."""
-    _ensure_data(d)
-    root = Path(d.root)
+    root = _data_root(d)
     transform = ClipTransform(d.crop_size, augment, d.short_side, tuple(d.train_scale), d.flip, d.normalize)
     common = dict(clip_len=d.clip_len, stride=d.stride, size=None, clips_per_video=1 if augment else clips_per_video,
                   train=augment, transform=transform)
