@@ -419,3 +419,15 @@ def test_official_objective_differs_from_g_loss_alone():
         method.train_step({"q": clips(4, 8, 16, 60), "k": clips(4, 8, 16, 61)}, 0, ctx)
         ends[objective] = params(models["g"])
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(ends["official"], ends["l1"]))
+
+
+def test_eval_subset_is_stratified_and_reports_chance(data_root):
+    """Split files are class-sorted: the first 8 of 16 test videos are 4 classes; the subset has all 8."""
+    method, models, _ = tiny_method(f"data.root={data_root}", "data.eval_clips=8")
+    cache = method._eval_clips(torch.device("cpu"))
+    for split in ("train", "test"):
+        assert sorted(cache[split + "_labels"].tolist()) == list(range(8))
+    ctx = PlainCtx(models, {})
+    ctx.device = torch.device("cpu")
+    metrics = method.evaluate(ctx)
+    assert metrics["knn_chance"] == 12.5 and 0.0 <= metrics["knn_top1"] <= 100.0
