@@ -1,8 +1,9 @@
 """Image-text datasets for text-to-image GANs: COCO captions, shapes attributes, class-conditional folders.
 
 All image tensors are ``(3, H, W)`` float32 in ``value_range``: ``(-1, 1)`` by default (tanh generators:
-ContraGAN, ContraD) or ``(0, 1)`` (XMC-GAN, whose generator ends in ``sigmoid``-like ``(tanh + 1) / 2``
-and whose input pipeline uses ``tf.image.convert_image_dtype`` to [0, 1]).
+ContraGAN) or ``(0, 1)`` (ContraD, whose generator ends in ``0.5 * tanh + 0.5`` and whose D maps [0, 1]
+to [-1, 1] itself; XMC-GAN, whose generator ends in ``(tanh + 1) / 2`` and whose input pipeline uses
+``tf.image.convert_image_dtype`` to [0, 1]).
 
 :class:`CocoCaptions` reads the real COCO captions format, so the embedded ``shapes`` dataset
 (``cmgen.data.write_shapes``) and real COCO 2014/2017 load through the same code::

@@ -242,7 +242,8 @@ class GANMethod(Method):
             raise ValueError(f"gan.d_batches='split' needs the per-process batch ({b}) divisible by "
                              f"gan.n_dis ({s.n_dis})")
         per = b // s.n_dis
-        return [(images[i * per:(i + 1) * per], cond[i * per:(i + 1) * per]) for i in range(s.n_dis)]
+        return [(images[i * per:(i + 1) * per], None if cond is None else cond[i * per:(i + 1) * per])
+                for i in range(s.n_dis)]
 
     def new_step(self, step: int, phase: str, real: torch.Tensor, cond_real: Any, ctx: StepContext) -> GANStep:
         """A :class:`GANStep` with this update's reals and freshly drawn ``z``, ``cond_fake``."""
