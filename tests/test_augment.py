@@ -415,9 +415,16 @@ def test_generator_isolates_global_rng():
     assert torch.equal(aug(x), c)                           # no generator: the global RNG
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu_with_a_cpu_generator():
-    x = images(16, 3, 32, 32)
-    for name in ["simclr_hq", "diffaug"]:
-        aug = build_augment(name)
-        assert torch.allclose(aug.cuda()(x.cuda(), gen(28)).cpu(), aug.cpu()(x, gen(28)), atol=1e-4)
+    x = images(16, 3, 32, 48)
+    for name, kw in NAMES_KW:
+        aug = build_augment(name, **kw)
+        want = aug.cpu()(x, gen(28))
+        xc = x.cuda().requires_grad_(True)
+        got = aug.cuda()(xc, gen(28))                       # CPU generator: same draws on the GPU
+        assert got.is_cuda and torch.allclose(got.detach().cpu(), want, atol=1e-4)
+        got.sum().backward()
+        assert torch.isfinite(xc.grad).all()
+        assert torch.equal(aug(x.cuda(), torch.Generator("cuda").manual_seed(1)),
+                           aug(x.cuda(), torch.Generator("cuda").manual_seed(1)))

@@ -278,7 +278,7 @@ class RandomResizedCrop(Augment):
         w = torch.round(torch.sqrt(area * torch.exp(log_r)))
         h = torch.round(torch.sqrt(area / torch.exp(log_r)))
         fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-        first = fits.to(torch.int8).argmax(1, keepdim=True)       # first fitting trial (0 if none fits)
+        first = fits.to(torch.float32).argmax(1, keepdim=True)    # first fitting trial (0 if none fits)
         any_fit = fits.any(1)
         w = torch.where(any_fit, w.gather(1, first).squeeze(1), torch.full_like(any_fit, W, dtype=w.dtype))
         h = torch.where(any_fit, h.gather(1, first).squeeze(1), torch.full_like(any_fit, H, dtype=h.dtype))
