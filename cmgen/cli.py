@@ -4,11 +4,20 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and `
 modules are imported only when their subcommand runs, so ``cmgen data`` does not pay for importing the
 training stack. The same entry point serves ``cmgen ...``, ``python -m cmgen ...``,
 ``accelerate launch -m cmgen ...`` and ``torchrun -m cmgen ...``.
+
+Errors in what the user gave (a config, an override, a data path, an input file, a checkpoint) end in
+one line, ``cmgen: error: <message>``, and exit status 2; ``--debug`` (anywhere on the command line)
+shows the traceback instead. A module may name the destination of its ``key=value`` positionals in
+``EXTRA_POSITIONALS``; then such items are accepted after options too (``cmgen train C --output-dir D
+a=1``).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
+import os
+import pickle
 import sys
 
 # subcommand -> (module, one-line help)
@@ -20,20 +29,62 @@ SUBCOMMANDS = {
     "export": ("cmgen.export_cli", "a run's generator (EMA) as a diffusers save_pretrained folder: cmgen export RUN --out DIR"),
     "demo": ("cmgen.demo", "build the embedded data, train each subsystem briefly, write runs/demo/report.md"),
 }
+EXIT_USER_ERROR = 2
+# What counts as a problem with the user's input rather than a bug: cmgen.errors.UserError (ConfigError,
+# DataError, CheckpointError, ...), file-system errors on the paths given, and the ValueErrors (including
+# json.JSONDecodeError) and parse errors that loaders raise for malformed files.
+_INPUT_ERRORS = (OSError, ValueError, pickle.UnpicklingError, csv.Error, EOFError)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (whitespace runs, newlines included, become one space)."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = argparse.ArgumentParser(prog="cmgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    chosen = argv[0] if argv else None
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module_name)
         if name == chosen:
-            importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        dest = getattr(module, "EXTRA_POSITIONALS", None)
+        misplaced = [a for a in extra if a.startswith("-") or "=" not in a]
+        if dest is None or misplaced:
+            parser.error(f"unrecognized arguments: {' '.join(misplaced or extra)}")
+        setattr(args, dest, list(getattr(args, dest) or []) + extra)
+    args.debug = debug
+    if debug:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    from cmgen.errors import UserError
+
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        print("cmgen: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, *_INPUT_ERRORS) as err:
+        if isinstance(err, UserError) and _rank() != 0:
+            return EXIT_USER_ERROR          # the same message on every rank: rank 0 prints it
+        where = f"[rank {_rank()}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        hint = "" if isinstance(err, (UserError, OSError)) else " (cmgen --debug ... shows the traceback)"
+        print(f"cmgen: error: {where}{one_line(err)}{hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -32,8 +32,11 @@ from typing import Any, ClassVar, Literal, Optional, TypeVar, Union
 
 import yaml
 
+from cmgen.errors import UserError
+
 __all__ = [
     "ConfigError",
+    "validate",
     "RunConfig",
     "TrainConfig",
     "OptimConfig",
@@ -52,8 +55,9 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override does not match the config dataclass."""
+class ConfigError(UserError, ValueError):
+    """A config file or override does not match the config dataclass (the message names the file,
+    line and column, or the key, and what was expected)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,11 +205,36 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text_or_path: str | Path) -> Any:
-    """Parse YAML text, or the file at a path, with YAML 1.2 booleans and floats."""
+    """Parse YAML text, or the file at a path, with YAML 1.2 booleans and floats.
+
+    Malformed YAML raises :class:`ConfigError` ``"<file>:<line>:<column>: <problem>"`` (1-based, as
+    editors count); a missing file raises ``FileNotFoundError`` naming it.
+    """
+    where = "<text>"
     if isinstance(text_or_path, Path) or (isinstance(text_or_path, str) and "\n" not in text_or_path
                                           and text_or_path.endswith((".yaml", ".yml"))):
-        text_or_path = Path(text_or_path).read_text()
-    return yaml.load(text_or_path, Loader=_Loader)
+        where = str(text_or_path)
+        try:
+            text_or_path = Path(text_or_path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {where} not found") from None
+        except (IsADirectoryError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{where}: not a readable YAML text file ({e})") from None
+    try:
+        return yaml.load(text_or_path, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}:{_yaml_error_line(e)}") from e
+
+
+def _yaml_error_line(err: yaml.YAMLError) -> str:
+    """``"line:column: problem (context at line:column)"`` of a PyYAML error, on one line."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    head = f"{mark.line + 1}:{mark.column + 1}: " if mark is not None else " "
+    if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+        problem += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return f"{head}invalid YAML: {problem}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,30 +419,107 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
     ``str`` keeps the raw text (``run.name=123``).
     """
     cfg = copy.deepcopy(cfg)
-    aliases = getattr(type(cfg), "ALIASES", {})
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        key = aliases.get(key.strip(), key.strip())
-        parts = key.split(".")
-        node = cfg
-        for depth, part in enumerate(parts):
-            path = ".".join(parts[:depth + 1])
-            hints = _hints(type(node))
-            if part not in hints:
-                raise _unknown_key(key, type(node), type(cfg), ".".join(parts[:depth]))
-            tp = hints[part]
-            if depth < len(parts) - 1:
-                if not is_dataclass(tp):
-                    raise ConfigError(f"config key '{path}' is a {_type_name(tp)}, not a section; "
-                                      f"cannot set '{key}'")
-                node = getattr(node, part)
-                continue
+        try:
+            _apply_override(cfg, item)
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
+    try:
+        return validate(cfg)
+    except ConfigError as e:   # name the override that set the value, if one did
+        aliases = getattr(type(cfg), "ALIASES", {})
+        setters = [o for o in overrides if "=" in o and aliases.get(o.split("=", 1)[0].strip(),
+                                                                    o.split("=", 1)[0].strip()) == getattr(e, "key", None)]
+        if setters:
+            raise ConfigError(f"override {setters[-1]!r}: {e}") from None
+        raise
+
+
+def _apply_override(cfg: Any, item: str) -> None:
+    """Set one ``key=value`` in place (errors are prefixed with the override by the caller)."""
+    aliases = getattr(type(cfg), "ALIASES", {})
+    if "=" not in item:
+        raise ConfigError("not of the form key=value (e.g. optim.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    key = aliases.get(key.strip(), key.strip())
+    parts = key.split(".")
+    node = cfg
+    for depth, part in enumerate(parts):
+        path = ".".join(parts[:depth + 1])
+        hints = _hints(type(node))
+        if part not in hints:
+            raise _unknown_key(key, type(node), type(cfg), ".".join(parts[:depth]))
+        tp = hints[part]
+        if depth < len(parts) - 1:
+            if not is_dataclass(tp):
+                raise ConfigError(f"config key '{path}' is a {_type_name(tp)}, not a section; "
+                                  f"cannot set '{key}'")
+            node = getattr(node, part)
+            continue
+        try:
             value = load_yaml(raw) if raw.strip() else ""
-            if _accepts_str(tp) and value is not None and not isinstance(value, str):
-                value = raw
-            setattr(node, part, _convert(value, tp, path, type(cfg)))
+        except ConfigError:
+            if not _accepts_str(tp):
+                raise ConfigError(f"the value {raw!r} is not valid YAML") from None
+            value = raw
+        if _accepts_str(tp) and value is not None and not isinstance(value, str):
+            value = raw
+        setattr(node, part, _convert(value, tp, path, type(cfg)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Value ranges of the shared sections
+# --------------------------------------------------------------------------------------------------
+def _at_least(low: float) -> tuple[Any, str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+_POSITIVE = ((lambda v: v > 0), "> 0")
+_UNIT = ((lambda v: 0 <= v <= 1), "in [0, 1]")
+_RANGES: dict[type, dict[str, tuple[Any, str]]] = {
+    RunConfig: {"name": ((lambda v: v.strip() not in ("", ".", "..")), "a non-empty folder name")},
+    TrainConfig: {
+        "max_steps": _at_least(1), "batch_size": _at_least(1), "grad_accum": _at_least(1),
+        "log_every": _at_least(1), "checkpoint_every": _at_least(0), "sample_every": _at_least(0),
+        "eval_every": _at_least(0), "num_workers": _at_least(0),
+        "keep_last": ((lambda v: v is None or v >= 1), ">= 1 or null (keep every checkpoint)"),
+        "grad_clip": ((lambda v: v is None or v > 0), "> 0 or null (no clipping)"),
+        "collective_timeout_s": _POSITIVE,
+    },
+    OptimConfig: {
+        "lr": _at_least(0), "eps": _POSITIVE, "weight_decay": _at_least(0), "momentum": _UNIT,
+        "betas": ((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)"),
+    },
+    ScheduleConfig: {
+        "warmup_steps": _at_least(0), "gamma": _POSITIVE, "min_lr_ratio": _UNIT,
+        "milestones": ((lambda v: all(m >= 1 for m in v) and list(v) == sorted(set(v))),
+                       "increasing steps >= 1"),
+    },
+    EMAConfig: {"decay": _UNIT, "start_step": _at_least(0)},
+}
+
+
+def validate(cfg: T, prefix: str = "") -> T:
+    """Check the value ranges of every shared section in ``cfg`` (also nested ones, like a second
+    ``optim_g: OptimConfig``); returns ``cfg``. ``apply_overrides`` (so every ``load_config``) and
+    ``train`` call it, so ``cmgen train --print-config`` refuses ``train.batch_size=-4`` too.
+
+    Raises:
+        ConfigError: ``"config key 'train.batch_size' must be >= 1, got -4"``.
+    """
+    if not is_dataclass(cfg) or isinstance(cfg, type):
+        return cfg
+    checks = next((c for cls, c in _RANGES.items() if isinstance(cfg, cls)), {})
+    for f in fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if f.name in checks:
+            ok, expected = checks[f.name]
+            if not ok(value):
+                err = ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
+                err.key = key
+                raise err
+        if is_dataclass(value):
+            validate(value, key + ".")
     return cfg
 
 

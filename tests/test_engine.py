@@ -303,3 +303,115 @@ def test_loader_splits_global_batch_across_ranks_and_resumes_exactly(seeding):
     assert torch.equal(torch.rand(3), expected)
     with pytest.raises(ValueError, match="fewer than one global micro-batch"):
         ResumableLoader(data, 32, 0, 1, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a checkpoint write that fails (disk full, read-only directory)
+# ---------------------------------------------------------------------------------------------------
+def test_failed_checkpoint_write_keeps_the_previous_one_and_says_where_and_why(tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    from cmgen.errors import CheckpointError
+
+    cfg = toy_cfg(tmp_path, "full", "train.max_steps=4", "train.checkpoint_every=2", "train.keep_last=1")
+    real_save = Accelerator.save_state
+    calls = []
+
+    def disk_full_on_second(self, output_dir, **kw):
+        calls.append(output_dir)
+        if len(calls) == 2:     # a partial file, then the disk is full
+            (Path(output_dir) / "pytorch_model.bin").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(output_dir) / "optimizer.bin"))
+        return real_save(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", disk_full_on_second)
+    root = tmp_path / "full" / "checkpoints"
+    with pytest.raises(CheckpointError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert str(root / ".tmp-step4") in message and "No space left on device" in message
+    assert f"previous checkpoint {root / 'step_000002'} is intact" in message
+    assert [s for s, _ in list_checkpoints(root)] == [2] and not list(root.glob(".*"))  # keep_last did not prune
+    before = checkpoint_contents(root / "step_000002")
+
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    resumed = train(toy_cfg(tmp_path, "full", "train.max_steps=4", "train.checkpoint_every=2", "train.keep_last=1",
+                            "resume=latest"))
+    assert resumed.step == 4
+    whole = train(toy_cfg(tmp_path, "whole", "train.max_steps=4", "train.checkpoint_every=2"))
+    assert_same(checkpoint_contents(whole.checkpoint), checkpoint_contents(resumed.checkpoint))
+    assert before["engine_state.json"]["step"] == 2
+
+
+def test_cli_reports_a_failed_checkpoint_write_in_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from cmgen.engine import checkpoint
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "ro" / "checkpoints"))
+
+    monkeypatch.setattr(checkpoint.Path, "mkdir", read_only)
+    assert cli.main(["train", TOY, f"run.output_dir={tmp_path}", "run.name=ro", *QUIET, "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cmgen: error: ") and "Read-only file system" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------------
+# resuming with other overrides
+# ---------------------------------------------------------------------------------------------------
+def test_resume_extending_max_steps_extends_the_schedule_and_records_the_change(tmp_path, capsys):
+    """The README's lines: 50 steps at lr 1e-3, then resume=latest with the config's 200 steps. The lr
+    after step 50 is the cosine of a 200-step run (not the restored 50-step schedule, 0 from there on)."""
+    base = ["train.log_every=1", "train.checkpoint_every=0", "schedule.warmup_steps=0"]
+    train(toy_cfg(tmp_path, "try1", *base, "optim.lr=1e-3", "train.max_steps=5"))
+    capsys.readouterr()
+    resumed = train(toy_cfg(tmp_path, "try1", *base, "train.max_steps=9", "resume=latest"))
+    assert resumed.step == 9
+    out = capsys.readouterr().out
+    assert "resumed from step 5" in out
+    assert "optim.lr 0.001 -> 0.003" in out and "train.max_steps 5 -> 9" in out
+    cfg = toy_cfg(tmp_path, "x", *base, "train.max_steps=9")
+    f = LRMultiplier("cosine", max_steps=9, warmup_steps=0, min_lr_ratio=cfg.schedule.min_lr_ratio)
+    records = [json.loads(line) for line in (tmp_path / "try1" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr/enc"] for r in records}
+    assert lrs[5] == pytest.approx(0.0 + 1e-3 * LRMultiplier("cosine", 5, 0, min_lr_ratio=cfg.schedule.min_lr_ratio)(5))
+    for step in (6, 7, 8):     # the lr logged after step s is the one of step s (0-based) of the new run
+        assert lrs[step] == pytest.approx(3e-3 * f(step)) and lrs[step] > 0
+    text = (tmp_path / "try1" / "config.yaml").read_text()
+    assert text.startswith("# resumed at step 5 from ") and "optim.lr" in text.splitlines()[0]
+    assert from_yaml(ToyConfig, tmp_path / "try1" / "config.yaml") == resumed_cfg(cfg, tmp_path)
+
+
+def resumed_cfg(cfg, tmp_path):
+    return load_config(TOY, [f"run.output_dir={tmp_path}", "run.name=try1", *QUIET, "train.log_every=1",
+                             "train.checkpoint_every=0", "schedule.warmup_steps=0", "train.max_steps=9",
+                             "resume=latest"])
+
+
+def test_resume_refuses_changes_it_cannot_honour_and_other_methods(tmp_path):
+    from cmgen.errors import CheckpointError
+
+    first = train(toy_cfg(tmp_path, "a", "train.max_steps=2"))
+    with pytest.raises(CheckpointError, match=r"model.hidden 32 -> 8, train.batch_size 32 -> 16"):
+        train(toy_cfg(tmp_path, "a", "train.max_steps=4", "model.hidden=8", "train.batch_size=16", "resume=latest"))
+    state = json.loads((first.checkpoint / "engine_state.json").read_text())
+    (first.checkpoint / "engine_state.json").write_text(json.dumps({**state, "method": "videomoco"}))
+    with pytest.raises(CheckpointError, match="written by method 'videomoco'; this config trains 'toy'"):
+        train(toy_cfg(tmp_path, "a", "train.max_steps=4", "resume=latest"))
+    # an older config (a key this version does not know, a model of other width) is named, not a traceback
+    (first.checkpoint / "engine_state.json").write_text(json.dumps(state))
+    import yaml
+
+    saved = yaml.safe_load((first.checkpoint / "config.yaml").read_text())
+    saved["model"].update(hidden=8, legacy=1)
+    (first.checkpoint / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(CheckpointError, match=r"model.hidden 8 -> 32"):
+        train(toy_cfg(tmp_path, "a", "train.max_steps=4", "resume=latest"))
+    saved["model"]["hidden"] = 32
+    (first.checkpoint / "config.yaml").write_text(yaml.safe_dump(saved))
+    torch.save({"net.0.weight": torch.zeros(3, 3)}, first.checkpoint / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"does not fit the models this config builds"):
+        train(toy_cfg(tmp_path, "a", "train.max_steps=4", "resume=latest"))

@@ -1,9 +1,9 @@
-"""``cmgen data shapes|moving-digits --out DIR ...``: write the embedded synthetic datasets."""
+"""``cmgen data shapes|moving-digits --out DIR ...``: write the embedded synthetic datasets (a bad argument
+or an occupied ``--out`` ends in one line, see :mod:`cmgen.cli`)."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,25 +45,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from . import write_moving_digits, write_shapes
 
-    try:
-        if args.dataset == "shapes":
-            info = write_shapes(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
-                                max_shapes=args.max_shapes, val_fraction=args.val_fraction,
-                                captions_per_image=args.captions_per_image, overwrite=args.overwrite,
-                                progress=args.progress)
-            counts = info["num_images"]
-        elif args.dataset == "moving-digits":
-            info = write_moving_digits(args.out, num_videos=args.num_videos, num_frames=args.num_frames,
-                                       size=args.size, fps=args.fps, seed=args.seed, label=args.label,
-                                       digit_size=args.digit_size, speed=args.speed,
-                                       clips_per_group=args.clips_per_group, test_groups=args.test_groups,
-                                       captions_per_video=args.captions_per_video, crf=args.crf,
-                                       overwrite=args.overwrite, progress=args.progress)
-            counts = info["num_videos"]
-        else:
-            raise ValueError(f"unknown dataset {args.dataset!r}")
-    except (FileExistsError, ValueError) as err:
-        print(f"cmgen data {args.dataset}: {err}", file=sys.stderr)
-        return 2
+    if args.dataset == "shapes":
+        info = write_shapes(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
+                            max_shapes=args.max_shapes, val_fraction=args.val_fraction,
+                            captions_per_image=args.captions_per_image, overwrite=args.overwrite,
+                            progress=args.progress)
+        counts = info["num_images"]
+    elif args.dataset == "moving-digits":
+        info = write_moving_digits(args.out, num_videos=args.num_videos, num_frames=args.num_frames,
+                                   size=args.size, fps=args.fps, seed=args.seed, label=args.label,
+                                   digit_size=args.digit_size, speed=args.speed,
+                                   clips_per_group=args.clips_per_group, test_groups=args.test_groups,
+                                   captions_per_video=args.captions_per_video, crf=args.crf,
+                                   overwrite=args.overwrite, progress=args.progress)
+        counts = info["num_videos"]
+    else:
+        raise ValueError(f"unknown dataset {args.dataset!r}")
     print(f"wrote {args.dataset} to {info['root']}: {json.dumps(counts)}")
     return 0

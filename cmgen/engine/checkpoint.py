@@ -12,7 +12,7 @@ Layout of one checkpoint (accelerate's ``save_state`` files plus ours)::
 
 It is written to ``checkpoints/.tmp-stepN`` and renamed into place once every process has finished,
 so a crash mid-write leaves only a temporary directory that :func:`list_checkpoints` ignores and
-:func:`clean_temporary` removes. ``engine_state.json`` is written last: its presence marks a checkpoint
+:func:`clean_temporary` removes (``.tmp-*`` and ``.old-*``). ``engine_state.json`` is written last: its presence marks a checkpoint
 complete.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from cmgen.errors import CheckpointError
 
 __all__ = [
     "STATE_FILE",
@@ -65,9 +67,20 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def clean_temporary(root: str | Path) -> list[Path]:
-    """Remove half-written ``.tmp-*`` directories left by a killed run; returns what was removed."""
+    """Remove half-written ``.tmp-*`` directories left by a killed run; returns what was removed. A
+    ``.old-stepN`` (a checkpoint being replaced by a rerun of its step) goes back to ``step_N`` if that
+    is missing, else it is removed too."""
     root = Path(root)
-    removed = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in sorted(root.glob(".old-step*")):
+        final = root / checkpoint_dir_name(int(p.name[len(".old-step"):])) if p.name[9:].isdigit() else None
+        if final is not None and not final.exists() and (p / STATE_FILE).is_file():
+            os.replace(p, final)
+        else:
+            removed.append(p)
+    removed += [p for p in root.glob(".tmp-*") if p.is_dir()]
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
@@ -112,25 +125,48 @@ def load_ema_state(ckpt: str | Path, name: str) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(accelerator, root: str | Path, step: int, engine_state: dict, config_yaml: str,
                     keep_last: int | None) -> Path:
-    """Write a checkpoint of ``accelerator``'s registered state atomically; call on EVERY process."""
+    """Write a checkpoint of ``accelerator``'s registered state atomically; call on EVERY process.
+
+    A failed write (disk full, read-only directory) removes the temporary copy, leaves every complete
+    checkpoint as it was (pruning runs only after success) and raises :class:`CheckpointError` naming
+    the directory, the reason and the checkpoint a resume would use.
+    """
     root = Path(root)
     tmp, final = root / f".tmp-step{step}", root / checkpoint_dir_name(step)
-    if accelerator.is_main_process:
+    previous = latest_checkpoint(root)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        # Every process writes its own random_states_<rank>.pkl; the main process writes the rest.
+        accelerator.save_state(str(tmp), safe_serialization=False)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "config.yaml").write_text(config_yaml)
+            with open(tmp / STATE_FILE, "w") as f:
+                json.dump(engine_state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            old = root / f".old-step{step}"        # a checkpoint of this step already there (a rerun)
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if old.exists():
+                    os.replace(old, final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as e:
+        # Disk full, read-only or vanished directory (torch.save reports ENOSPC as a RuntimeError): the
+        # half-written copy goes, every finished checkpoint stays as it was.
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # Every process writes its own random_states_<rank>.pkl; the main process writes the rest.
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    accelerator.wait_for_everyone()
+        reason = " ".join(str(e).split()) or type(e).__name__
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write the step-{step} checkpoint to {tmp}: {reason}; {kept}") from e
     if accelerator.is_main_process:
-        (tmp / "config.yaml").write_text(config_yaml)
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump(engine_state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         prune_checkpoints(root, keep_last)
     accelerator.wait_for_everyone()
     return final

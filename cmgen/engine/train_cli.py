@@ -1,4 +1,8 @@
-"""``cmgen train CONFIG [key=value ...]`` — the same command under ``accelerate launch`` and ``torchrun``."""
+"""``cmgen train CONFIG [key=value ...]`` — the same command under ``accelerate launch`` and ``torchrun``.
+
+Options and ``key=value`` overrides may come in any order (``cmgen train C --output-dir D a=1``). Errors
+in the config, the overrides or the data end in one line (see :mod:`cmgen.cli`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +10,8 @@ import os
 import sys
 
 from cmgen.config import ConfigError, to_yaml
+
+EXTRA_POSITIONALS = "overrides"   # cmgen.cli: key=value items after options go here
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +33,11 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         overrides.append(f"run.output_dir={args.output_dir}")
     try:
-        cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        if _is_main():
-            print(f"cmgen train: {e}", file=sys.stderr)
-        return 2
+        cfg = load_config(args.config, overrides)   # ConfigError / FileNotFoundError: one line in cmgen.cli
+    except ConfigError as e:
+        if str(e).startswith(("override ", str(args.config))):
+            raise
+        raise ConfigError(f"{args.config}: {e}") from e   # a key or value of the file itself
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0

@@ -33,7 +33,7 @@ from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwa
 from torch import nn
 from tqdm.auto import tqdm
 
-from cmgen.config import ExperimentConfig, to_yaml
+from cmgen.config import ConfigError, ExperimentConfig, load_yaml, to_yaml, validate
 from cmgen.distributed import all_reduce_mean
 from cmgen.engine.checkpoint import (clean_temporary, latest_checkpoint, list_checkpoints, read_engine_state,
                                      save_checkpoint, STATE_FILE)
@@ -42,6 +42,8 @@ from cmgen.engine.ema import EMA
 from cmgen.engine.method import Method, StepContext
 from cmgen.engine.probe import StepProbe
 from cmgen.engine.registry import resolve_method
+from cmgen.engine.resume import HyperSnapshot, classify_changes, describe
+from cmgen.errors import CheckpointError
 from cmgen.engine.schedules import build_scheduler
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train", "run_dir_of", "preserve_rng"]
@@ -79,21 +81,6 @@ def preserve_rng(device: torch.device | None = None):
             torch.cuda.set_rng_state(saved[3], device)
 
 
-def _validate(cfg: ExperimentConfig) -> None:
-    t = cfg.train
-    checks = [("train.max_steps", t.max_steps, t.max_steps >= 1), ("train.batch_size", t.batch_size, t.batch_size >= 1),
-              ("train.grad_accum", t.grad_accum, t.grad_accum >= 1), ("train.log_every", t.log_every, t.log_every >= 1),
-              ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0),
-              ("train.sample_every", t.sample_every, t.sample_every >= 0),
-              ("train.eval_every", t.eval_every, t.eval_every >= 0),
-              ("train.keep_last", t.keep_last, t.keep_last is None or t.keep_last >= 1),
-              ("train.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0),
-              ("train.collective_timeout_s", t.collective_timeout_s, t.collective_timeout_s > 0)]
-    for key, value, ok in checks:
-        if not ok:
-            raise ValueError(f"invalid {key}={value}")
-
-
 def _use_cpu(cfg: ExperimentConfig) -> bool:
     """Accelerate only sets up multi-process gloo (MULTI_CPU) when told it runs on CPU; a torchrun or
     ``accelerate launch`` job on a machine without CUDA must therefore say so itself."""
@@ -105,7 +92,7 @@ def _use_cpu(cfg: ExperimentConfig) -> bool:
 
 def train(cfg: ExperimentConfig, method_cls: type[Method] | None = None) -> TrainResult:
     """Train ``cfg`` (a method config) and return where it ended. Call on every process."""
-    _validate(cfg)
+    validate(cfg)
     method_cls = method_cls or resolve_method(cfg.method)
     run_dir = run_dir_of(cfg)
     owned_group = not (dist.is_available() and dist.is_initialized())
@@ -166,14 +153,14 @@ class _Trainer:
         if resume is None:
             existing = list_checkpoints(self.ckpt_root)
             if existing:
-                raise ValueError(f"{self.run_dir} already has checkpoints (newest {existing[-1][1].name}); "
-                                 f"pass resume=latest to continue it or choose another run.name")
+                raise ConfigError(f"{self.run_dir} already has checkpoints (newest {existing[-1][1].name}); "
+                                  f"pass resume=latest to continue it or choose another run.name")
             return None
         if resume == "latest":
             return latest_checkpoint(self.ckpt_root)
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
-            raise ValueError(f"run.resume={resume!r} is not a complete checkpoint directory (no {STATE_FILE})")
+            raise CheckpointError(f"run.resume={resume!r} is not a complete checkpoint directory (no {STATE_FILE})")
         return path
 
     def _setup(self) -> None:
@@ -236,13 +223,22 @@ class _Trainer:
                                       cfg.train.shuffle, pin_memory=self._pin_memory(),
                                       seeding=cfg.train.data_seeding)
         self.step = 0
+        self.resume_note = ""
         if resume_from is not None:
             state = read_engine_state(resume_from)
+            applied = self._check_resume(resume_from, state)
             expected = {"models": trainable, "optimizers": opt_names, "custom": self.custom_names}
             for key, names in expected.items():
                 if state[key] != names:
-                    raise ValueError(f"{resume_from} holds {key} {state[key]}, this run builds {names}")
-            acc.load_state(str(resume_from))  # also restores every process's RNG state
+                    raise CheckpointError(f"{resume_from} holds {key} {state[key]}, this run builds {names}")
+            fresh = HyperSnapshot(self.optimizers, schedulers, self.ema)
+            try:
+                acc.load_state(str(resume_from))  # also restores every process's RNG state
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise CheckpointError(f"{resume_from} does not fit the models this config builds: "
+                                      f"{str(e).strip().splitlines()[0]}") from e
+            if applied:
+                fresh.restore(self.optimizers, schedulers, self.ema)
             self.step = int(state["step"])
             self.loader.load_state_dict(state["data"])
             self._rescale_note(resume_from, int(state.get("world_size", acc.num_processes)))
@@ -255,12 +251,50 @@ class _Trainer:
 
         self.config_yaml = to_yaml(cfg)
         if acc.is_main_process:
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            (self.run_dir / "config.yaml").write_text(self.resume_note + self.config_yaml)
             for sub in ("checkpoints", "samples", "logs"):
                 (self.run_dir / sub).mkdir(exist_ok=True)
             self._truncate_metrics(self.step)
         if cfg.train.trackers:
             acc.init_trackers("tensorboard" if "tensorboard" in cfg.train.trackers else cfg.run.name)
+
+    def _check_resume(self, ckpt: Path, state: dict) -> list:
+        """Refuse a checkpoint of another method or config changes it cannot honour; print what resumes
+        and what changed (rank 0); return the applied changes (:mod:`cmgen.engine.resume`)."""
+        cfg = self.cfg
+        saved_method = state.get("method")
+        if saved_method is not None and saved_method != cfg.method:
+            raise CheckpointError(f"{ckpt} was written by method {saved_method!r}; this config trains "
+                                  f"{cfg.method!r}")
+        saved_path = ckpt / "config.yaml"
+        saved = load_yaml(saved_path) if saved_path.is_file() else None
+        if not isinstance(saved, dict):
+            ignored, applied, refused, unknown = [], [], [], []
+        else:
+            ignored, applied, refused, unknown = classify_changes(saved, cfg)
+        step = int(state["step"])
+        if refused:
+            raise CheckpointError(
+                f"cannot resume {ckpt} (step {step}) with these changes to its config: {describe(refused)}; "
+                f"its state was built with the old values: drop those overrides, or start a new run "
+                f"(another run.name)")
+        if self.acc.is_main_process:
+            print(f"cmgen train: resumed from step {step} ({ckpt})", flush=True)
+            if applied:
+                print(f"cmgen train: applied from step {step} on: {describe(applied)} (optimizer and schedule "
+                      f"as this config builds them, evaluated at step {step})", flush=True)
+            if ignored:
+                print(f"cmgen train: also changed: {describe(ignored)}", flush=True)
+            if unknown:
+                print(f"cmgen train: note: the checkpoint's config has keys this version does not know: "
+                      f"{', '.join(unknown)}", flush=True)
+            if step >= cfg.train.max_steps:
+                print(f"cmgen train: step {step} >= train.max_steps={cfg.train.max_steps}: nothing to train",
+                      flush=True)
+        changed = [c.key for c in applied + ignored]
+        self.resume_note = (f"# resumed at step {step} from {ckpt}" + (f"; changed: {', '.join(changed)}" if changed
+                                                                      else "") + "\n")
+        return applied
 
     def _pin_memory(self) -> bool:
         pin = self.cfg.train.pin_memory
