@@ -16,6 +16,10 @@ References followed (behaviour, not code):
 - IS: Salimans et al. 2016; openai ``improved-gan`` ``inception_score/model.py`` (contiguous splits,
   exp of the mean KL per split, mean and population std over splits); ``torch-fidelity``
   ``metric_isc.py`` additionally shuffles the rows first (``shuffle_seed``).
+- Precision / recall: Kynkäänniemi et al. 2019 (Improved Precision and Recall Metric), Sec. 3 with
+  k = 3; NVlabs ``stylegan2-ada-pytorch`` ``metrics/precision_recall.py`` (k-th nearest-neighbour radius
+  within a set, the point itself excluded; a sample is covered when it lies within the radius of ANY
+  sample of the other set, ``dist <= radius``).
 - R-precision: Xu et al. 2018 (AttnGAN) Sec. 4; the DM-GAN evaluation code (one true caption against
   99 mismatched captions of other classes, cosine similarity, hits shuffled and split into 10 parts).
 """
@@ -34,6 +38,7 @@ __all__ = [
     "mmd2_unbiased",
     "kid_from_features",
     "inception_score",
+    "precision_recall",
     "r_precision",
 ]
 
@@ -286,6 +291,67 @@ def inception_score(probs, splits: int = 1, *, shuffle_seed: int | None = None,
         scores.append(np.exp(kl.mean()))
     scores = np.asarray(scores)
     return float(scores.mean()), float(scores.std())
+
+
+# ------------------------------------------------------------------------------ precision / recall
+
+
+def _kth_radius(x: "torch.Tensor", k: int, chunk: int) -> "torch.Tensor":
+    """Squared distance of every row of x to its k-th nearest other row: (N,)."""
+    import torch
+
+    out = []
+    for lo in range(0, x.shape[0], chunk):
+        d = torch.cdist(x[lo:lo + chunk], x).square()
+        # column 0 of the sorted row is the point itself (distance 0): index k is the k-th neighbour
+        out.append(torch.kthvalue(d, k + 1, dim=1).values)
+    return torch.cat(out)
+
+
+def _coverage(query: "torch.Tensor", ref: "torch.Tensor", radii: "torch.Tensor", chunk: int) -> float:
+    """Fraction of query rows within the (squared) radius of at least one ref row."""
+    import torch
+
+    hits = []
+    for lo in range(0, query.shape[0], chunk):
+        d = torch.cdist(query[lo:lo + chunk], ref).square()
+        hits.append((d <= radii[None, :]).any(dim=1))
+    return float(torch.cat(hits).double().mean())
+
+
+def precision_recall(real, fake, k: int = 3, *, chunk_size: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, Eq. 1-3) with k-NN manifolds.
+
+        f(phi, Phi) = 1 if ||phi - phi'|| <= ||phi' - NN_k(phi', Phi)|| for some phi' in Phi, else 0
+        precision = mean_{fake g} f(g, Phi_real)        recall = mean_{real r} f(r, Phi_fake)
+
+    ``NN_k`` is the k-th nearest neighbour within the set, the point itself excluded. Distances are
+    computed in float64, ``chunk_size`` rows at a time (memory chunk_size x N).
+
+    Args:
+        real: (N, D) features of real images (the paper: VGG-16 fc2; StyleGAN2-ADA uses the same, 50k).
+        fake: (M, D) features of generated images; N, M > k.
+        k: neighbourhood size (paper: 3).
+
+    Returns:
+        ``(precision, recall)`` in [0, 1].
+    """
+    import torch
+
+    r = torch.from_numpy(_as_float64(real, "real", 2))
+    f = torch.from_numpy(_as_float64(fake, "fake", 2))
+    if r.shape[1] != f.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {tuple(r.shape)}, fake {tuple(f.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if min(r.shape[0], f.shape[0]) <= k:
+        raise ValueError(f"precision/recall with k={k} need more than k rows in each set, got "
+                         f"{r.shape[0]} real and {f.shape[0]} fake")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    precision = _coverage(f, r, _kth_radius(r, k, chunk_size), chunk_size)
+    recall = _coverage(r, f, _kth_radius(f, k, chunk_size), chunk_size)
+    return precision, recall
 
 
 # ------------------------------------------------------------------------------------- R-precision

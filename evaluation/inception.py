@@ -170,11 +170,12 @@ def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     magnitude; 1/fan_in lets the biases drown the input).
     """
     gen = torch.Generator().manual_seed(seed)
-    model = FIDInceptionV3()
+    with torch.device("meta"):                 # names and shapes only; no time spent on a default init
+        model = FIDInceptionV3()
     state = {}
     for name, t in model.state_dict().items():
         if name.endswith("num_batches_tracked"):
-            state[name] = torch.zeros_like(t)
+            state[name] = torch.zeros(t.shape, dtype=t.dtype)
         elif name.endswith("conv.weight") or name == "fc.weight":
             fan_in = t[0].numel()
             state[name] = torch.randn(t.shape, generator=gen) * (2.0 / fan_in) ** 0.5
@@ -213,7 +214,8 @@ def load_fid_inception(weights: str | os.PathLike | None = None, *, random_init_
     Returns:
         ``(model, info)``; ``info`` = ``{"network", "weights", "sha256", "random_init"}`` for every result.
     """
-    model = FIDInceptionV3()
+    with torch.device("meta"):                 # every tensor comes from the state dict (assign=True)
+        model = FIDInceptionV3()
     if random_init_for_tests:
         if weights is not None:
             raise ValueError("pass either weights or random_init_for_tests=True, not both")
@@ -230,7 +232,7 @@ def load_fid_inception(weights: str | os.PathLike | None = None, *, random_init_
             raise InceptionWeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
         info = {"weights": str(path.resolve()), "sha256": file_sha256(path), "random_init": False}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise InceptionWeightsError(f"the weights ({info['weights']}) do not fit the FID Inception-v3 "
                                     f"(pytorch-fid layout): {e}") from e

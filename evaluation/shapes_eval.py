@@ -187,7 +187,7 @@ class ShapesEvaluator:
     # ---------------------------------------------------------------------------------------------
     @classmethod
     def load_or_train(cls, data_root: str | os.PathLike, image_size: int | None = None, *,
-                      train_images: int = _TRAIN_IMAGES, epochs: int = _EPOCHS,
+                      train_images: int | None = None, epochs: int | None = None,
                       device: torch.device | str = "cpu", progress: bool = False) -> "ShapesEvaluator":
         """Load the cached classifier of ``data_root`` (a shapes dataset root), training it first if missing.
 
@@ -207,6 +207,8 @@ class ShapesEvaluator:
         if data_info.get("dataset") != "shapes":
             raise ValueError(f"{root} holds {data_info.get('dataset')!r}, not the shapes dataset")
         image_size = int(image_size or data_info["config"]["image_size"])
+        train_images = _TRAIN_IMAGES if train_images is None else train_images
+        epochs = _EPOCHS if epochs is None else epochs
         if train_images < 80 or epochs < 1:
             raise ValueError(f"train_images must be >= 80 and epochs >= 1, got {train_images} and {epochs}")
         ckpt = root / "evaluator" / f"shapes_cnn_{image_size}px.pt"

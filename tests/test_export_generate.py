@@ -1,6 +1,7 @@
 """cmgen export / cmgen generate: a tiny ContraGAN run -> diffusers folder -> the same images from both."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cmgen import export_cli, generate_cli
 from cmgen.cli import main
 from cmgen.generate_cli import EXPORT_META, load_generator, resolve_checkpoint, sample_images
 
@@ -27,6 +29,13 @@ def tiny_gan_run(tmp_path_factory):
                                "train.trackers=[]", "data.num_images=64", "gan.n_dis=1", "train.batch_size=8",
                                "ema.start_step=0"])
     return train(cfg).run_dir
+
+
+def _run(module, argv):
+    """The subcommand without cmgen.cli's error handling (which turns ValueError into exit code 2)."""
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
 
 
 def _images(lg, n, seed, **kw):
@@ -58,7 +67,7 @@ def test_export_then_generate_gives_the_run_images(tiny_gan_run, tmp_path):
     from text2image.contragan import Generator
     assert isinstance(Generator.from_pretrained(str(exported)), Generator)
     with pytest.raises(ValueError, match="not empty"):
-        main(["export", str(tiny_gan_run), "--out", str(exported)])
+        _run(export_cli, [str(tiny_gan_run), "--out", str(exported)])
 
     from_run = _images(load_generator(tiny_gan_run), 5, 7, class_id=2)
     from_export = _images(load_generator(exported), 5, 7, class_id=2)
@@ -73,6 +82,6 @@ def test_export_then_generate_gives_the_run_images(tiny_gan_run, tmp_path):
     assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
     assert sorted(p.name for p in single.iterdir()) == [f"{i:05d}.png" for i in range(4)]
     with pytest.raises(ValueError, match="neither an index nor one of the class names"):
-        main(["generate", str(exported), "--class", "hexagon", "--out", str(grid)])
+        _run(generate_cli, [str(exported), "--class", "hexagon", "--out", str(grid)])
     with pytest.raises(ValueError, match="no 'best' checkpoint"):
         resolve_checkpoint(tiny_gan_run, "best")

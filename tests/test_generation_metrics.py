@@ -418,13 +418,75 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert _cli(["--real", str(tmp_path / "stats.npz"), "--fake", str(tmp_path / "fake.npy"),
                  "--fid-method", "eigh", "--out", str(out2)]) == 0
     only_fid = json.loads(out2.read_text())
-    assert set(only_fid) == {"fid", "num_fake"}
+    assert set(only_fid) == {"fid", "num_fake", "warnings"}
+    assert "KID and precision/recall skipped" in only_fid["warnings"][0]
     assert only_fid["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
 
-    with pytest.raises(ValueError, match="--kid-subset-size 1000 exceeds"):
-        _cli(["--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake.npy")])
     with pytest.raises(ValueError, match="nothing to evaluate"):
         _cli([])
+
+
+def test_cli_fewer_samples_than_the_protocols_keeps_every_metric(tmp_path):
+    """50 features < KID's 1000 and 5 probs < IS's 10 splits: FID, KID, IS, P/R all there, with warnings."""
+    rng = _rng(3)
+    real, fake = rng.standard_normal((60, 6)), rng.standard_normal((50, 6)) + 0.2
+    probs = rng.dirichlet(np.ones(4), size=5)
+    for name, arr in dict(real=real, fake=fake, probs=probs).items():
+        np.save(tmp_path / f"{name}.npy", arr)
+    out = tmp_path / "m.json"
+    with pytest.warns(RuntimeWarning, match="subset size 1000 exceeds"):
+        _cli(["--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake.npy"), "--probs",
+              str(tmp_path / "probs.npy"), "--kid-subsets", "3", "--out", str(out)])
+    m = json.loads(out.read_text())
+    assert m["fid"] == pytest.approx(gen.fid_from_features(real, fake))
+    assert m["kid_subset_size"] == 50
+    assert (m["kid_mean"], m["kid_std"]) == pytest.approx(gen.kid_from_features(real, fake, 3, 50, seed=0))
+    assert m["is_splits"] == 5 and m["is_mean"] == pytest.approx(gen.inception_score(probs, 5)[0])
+    assert (m["precision"], m["recall"]) == pytest.approx(gen.precision_recall(real, fake))
+    assert len(m["warnings"]) == 2 and "IS: 10 splits" in m["warnings"][1]
+
+
+# ------------------------------------------------------------------------------ precision / recall
+
+
+def _pr_loop(real, fake, k):
+    """Kynkaenniemi et al. 2019 Eq. 1-3 with explicit loops in float64."""
+    def radii(x):
+        out = []
+        for i in range(len(x)):
+            d = sorted(float(np.sqrt(((x[i] - x[j]) ** 2).sum())) for j in range(len(x)) if j != i)
+            out.append(d[k - 1])
+        return out
+
+    def covered(q, ref, rad):
+        return np.mean([any(np.sqrt(((p - ref[j]) ** 2).sum()) <= rad[j] for j in range(len(ref))) for p in q])
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_precision_recall_matches_loop_reference(k):
+    rng = _rng(5)
+    real = rng.standard_normal((30, 4))
+    fake = rng.standard_normal((25, 4)) * 0.6 + 1.5
+    p, r = gen.precision_recall(real, fake, k=k, chunk_size=7)
+    assert (p, r) == pytest.approx(_pr_loop(real, fake, k), abs=1e-12)
+    assert 0 < p < 1 and 0 < r < 1
+
+
+def test_precision_recall_analytic_cases():
+    rng = _rng(6)
+    real = rng.standard_normal((40, 3))
+    assert gen.precision_recall(real, real) == (1.0, 1.0)
+    assert gen.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # mode collapse: fakes are copies of a few reals -> every fake is on the real manifold, few reals covered
+    collapsed = np.repeat(real[:2], 10, axis=0) + 1e-9 * rng.standard_normal((20, 3))
+    p, r = gen.precision_recall(real, collapsed)
+    assert p == 1.0 and r <= 0.2
+    with pytest.raises(ValueError, match="more than k rows"):
+        gen.precision_recall(real[:3], real[:3], k=3)
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        gen.precision_recall(real, real[:, :2])
 
 
 def test_cmgen_eval_generation_dispatch(tmp_path):

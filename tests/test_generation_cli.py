@@ -1,0 +1,82 @@
+"""cmgen eval generation on images: sample a checkpoint, extract, cache real statistics, report provenance."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmgen.cli import main
+from evaluation import generation_cli, shapes_eval
+from evaluation.inception import WEIGHTS_ENV, InceptionWeightsError
+from tests.test_export_generate import tiny_gan_run  # noqa: F401  (session fixture: a 2-step ContraGAN run)
+
+
+@pytest.fixture()
+def real_dir(tmp_path):
+    d = tmp_path / "real"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(d / f"{i:02d}.png")
+    return d
+
+
+def test_checkpoint_inception_random_weights(tiny_gan_run, real_dir, tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["eval", "generation", "--checkpoint", str(tiny_gan_run), "--real", str(real_dir), "--n", "5",
+            "--batch-size", "3", "--random-weights-for-tests", "--stats-cache", str(tmp_path / "cache"),
+            "--kid-subsets", "4", "--seed", "5", "--fid-method", "eigh", "--no-progress", "--device", "cpu", "--out", str(out),
+            "--markdown", str(md)]
+    with pytest.warns(RuntimeWarning, match="KID: subset size 1000"):
+        assert main(argv) == 0
+    r = json.loads(out.read_text())
+    m = r["metrics"]
+    assert {"fid", "kid_mean", "is_mean", "precision", "recall"} <= set(m)       # nothing lost to the small n
+    assert m["kid_subset_size"] == 5 and m["is_splits"] == 5 and m["num_real"] == 5
+    assert r["num_fake"] == 5 and r["seed"] == 5
+    assert r["extractor"]["random_init"] is True and "RANDOM" in r["note"]
+    assert r["generator"]["weights"] == "ema" and r["generator"]["step"] == 2
+    assert r["real"]["cached"] is False and len(list((tmp_path / "cache").glob("inception-*.npz"))) == 1
+    assert "| FID |" in md.read_text() and "sha256" in md.read_text()
+    with pytest.warns(RuntimeWarning):
+        assert main(argv) == 0
+    r2 = json.loads(out.read_text())
+    assert r2["real"]["cached"] is True and r2["real"]["key"] == r["real"]["key"]
+    assert r2["metrics"]["fid"] == pytest.approx(m["fid"], rel=1e-6)
+    # one more file -> another key (the cache is keyed by the folder's file list and the extractor)
+    files = sorted(real_dir.glob("*.png"))
+    key = generation_cli.real_set_key(files, real_dir, r["extractor"])
+    assert key == r["real"]["key"]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(real_dir / "extra.png")
+    assert generation_cli.real_set_key(sorted(real_dir.glob("*.png")), real_dir, r["extractor"]) != key
+    assert generation_cli.real_set_key(files, real_dir, {**r["extractor"], "sha256": "other"}) != key
+
+
+def _run(argv):
+    parser = argparse.ArgumentParser()
+    generation_cli.add_arguments(parser)
+    return generation_cli.run(parser.parse_args(argv))
+
+
+def test_inception_without_weights_fails_before_sampling(tiny_gan_run, real_dir, monkeypatch):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    with pytest.raises(InceptionWeightsError, match="pt_inception-2015-12-05"):
+        _run(["--checkpoint", str(tiny_gan_run), "--real", str(real_dir), "--n", "4", "--device", "cpu"])
+
+
+def test_checkpoint_shapes_extractor_offline(tiny_gan_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(shapes_eval, "_TRAIN_IMAGES", 400)
+    monkeypatch.setattr(shapes_eval, "_EPOCHS", 1)
+    out = tmp_path / "s.json"
+    with pytest.warns(RuntimeWarning):
+        assert main(["eval", "generation", "--checkpoint", str(tiny_gan_run), "--extractor", "shapes", "--n", "10",
+                     "--fid-method", "eigh", "--no-progress", "--device", "cpu", "--stats-cache", str(tmp_path / "c"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["note"] == shapes_eval.NOT_COMPARABLE
+    assert r["extractor"]["extractor"] == "shapes" and r["real"]["source"].endswith("train")
+    assert 0.0 <= r["metrics"]["class_accuracy"] <= 1.0 and r["metrics"]["fid"] > 0
