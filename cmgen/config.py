@@ -428,8 +428,8 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
         return validate(cfg)
     except ConfigError as e:   # name the override that set the value, if one did
         aliases = getattr(type(cfg), "ALIASES", {})
-        setters = [o for o in overrides if "=" in o and aliases.get(o.split("=", 1)[0].strip(),
-                                                                    o.split("=", 1)[0].strip()) == getattr(e, "key", None)]
+        keys = [o.split("=", 1)[0].strip() for o in overrides]
+        setters = [o for o, k in zip(overrides, keys) if aliases.get(k, k) == getattr(e, "key", None)]
         if setters:
             raise ConfigError(f"override {setters[-1]!r}: {e}") from None
         raise

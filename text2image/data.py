@@ -123,7 +123,10 @@ class CocoCaptions(Dataset):
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"COCO captions file not found: {self.ann_file}")
         with open(self.ann_file, encoding="utf-8") as f:
-            coco = json.load(f)
+            try:
+                coco = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.ann_file}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
         for key in ("images", "annotations"):
             if key not in coco:
                 raise ValueError(f"{self.ann_file} is not a COCO captions file: no {key!r} key "
@@ -245,7 +248,10 @@ class ShapesAttributes:
         if not path.is_file():
             raise FileNotFoundError(f"shapes attributes file not found: {path}")
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
         if "classes" not in data or "images" not in data:
             raise ValueError(f"{path} is not a shapes attributes file (keys: {sorted(data)})")
         self.path = path

@@ -273,6 +273,22 @@ def stratified_subset(labels: Sequence[int], n: int, seed: int = 0) -> list[int]
     return sorted(picked)
 
 
+def _csv_rows(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a csv with a header; a missing column or a short row is an error naming the file (and line)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        lacking = [c for c in columns if c not in (reader.fieldnames or [])]
+        if lacking:
+            raise ValueError(f"{path}: missing column(s) {lacking}; header is {reader.fieldnames}")
+        rows = []
+        for row in reader:
+            if any(row.get(c) is None for c in columns):
+                raise ValueError(f"{path}:{reader.line_num}: expected the columns {list(reader.fieldnames)}, "
+                                 f"got {row}")
+            rows.append(row)
+    return rows
+
+
 class MSRVTT(_SkippingVideoDataset):
     """MSR-VTT video-text pairs: ``MSRVTT_data.json`` captions with the 9k train / JSFusion 1k-A test split.
 
@@ -304,19 +320,26 @@ class MSRVTT(_SkippingVideoDataset):
         self.split = split
         pairs: list[tuple[str, str]] = []  # (video_id, caption)
         if split == "train":
-            with open(self.root / train_csv, newline="") as f:
-                wanted = [row["video_id"] for row in csv.DictReader(f)]
+            wanted = [row["video_id"] for row in _csv_rows(self.root / train_csv, ("video_id",))]
             with open(self.root / data_json) as f:
-                captions: dict[str, list[str]] = {}
-                for s in json.load(f)["sentences"]:
-                    captions.setdefault(s["video_id"], []).append(s["caption"])
+                try:
+                    sentences = json.load(f)["sentences"]
+                    captions: dict[str, list[str]] = {}
+                    for s in sentences:
+                        captions.setdefault(s["video_id"], []).append(s["caption"])
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.root / data_json}:{e.lineno}:{e.colno}: not valid JSON "
+                                     f"({e.msg})") from None
+                except (KeyError, TypeError) as e:
+                    raise ValueError(f"{self.root / data_json}: expected {{'sentences': [{{'video_id', 'caption'}}, "
+                                     f"...]}}, missing {e}") from None
             missing = [v for v in wanted if v not in captions]
             if missing:
                 raise ValueError(f"{data_json} has no captions for {len(missing)} train videos, e.g. {missing[:3]}")
             pairs = [(v, c) for v in wanted for c in captions[v]]
         else:
-            with open(self.root / test_csv, newline="") as f:
-                pairs = [(row["video_id"], row["sentence"]) for row in csv.DictReader(f)]
+            pairs = [(row["video_id"], row["sentence"])
+                     for row in _csv_rows(self.root / test_csv, ("video_id", "sentence"))]
         self.video_ids: list[str] = list(dict.fromkeys(v for v, _ in pairs))
         position = {v: i for i, v in enumerate(self.video_ids)}
         self.captions = [c for _, c in pairs]

@@ -12,8 +12,8 @@ Layout of one checkpoint (accelerate's ``save_state`` files plus ours)::
 
 It is written to ``checkpoints/.tmp-stepN`` and renamed into place once every process has finished,
 so a crash mid-write leaves only a temporary directory that :func:`list_checkpoints` ignores and
-:func:`clean_temporary` removes (``.tmp-*`` and ``.old-*``). ``engine_state.json`` is written last: its presence marks a checkpoint
-complete.
+:func:`clean_temporary` removes (``.tmp-*``; ``.old-*``, a checkpoint being replaced, goes back into
+place). ``engine_state.json`` is written last: its presence marks a checkpoint complete.
 """
 from __future__ import annotations
 
