@@ -136,6 +136,25 @@ def _check_text_to_video(text_to_video: Any, num_texts: int, num_videos: int) ->
     return t2v
 
 
+def _check_modes(ties: str, v2t: str) -> None:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    if v2t not in V2T_MODES:
+        raise ValueError(f"v2t must be one of {V2T_MODES}, got {v2t!r}")
+
+
+def _captions_per_video(t2v: torch.Tensor, num_videos: int, drop: str) -> torch.Tensor:
+    """(num_videos,) caption counts; a video without a caption makes v2t undefined (``drop`` says what
+    the caller should remove)."""
+    captions = torch.bincount(t2v, minlength=num_videos)
+    if bool((captions == 0).any()):
+        missing = (captions == 0).nonzero()[:, 0]
+        raise ValueError(f"{len(missing)} of {num_videos} videos have no caption in text_to_video (first: "
+                         f"video {int(missing[0])}), so video->text retrieval is undefined; drop those "
+                         f"{drop}")
+    return captions
+
+
 def _check_chunk_size(chunk_size: int | None, default: int) -> int:
     if chunk_size is None:
         return max(default, 1)
@@ -287,22 +306,14 @@ def retrieval_metrics(sim, text_to_video=None, *, ties: str = "average", v2t: st
             range, a non-square sim without text_to_video, videos with no caption (v2t undefined),
             unknown ties/v2t, bad chunk_size.
     """
-    if ties not in TIES:
-        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
-    if v2t not in V2T_MODES:
-        raise ValueError(f"v2t must be one of {V2T_MODES}, got {v2t!r}")
+    _check_modes(ties, v2t)
     ks = _check_ks(ks)
     sim = _check_sim(sim)
     num_texts, num_videos = sim.shape
     t2v = _check_text_to_video(text_to_video, num_texts, num_videos)
     row_chunk = _check_chunk_size(chunk_size, num_texts)
     _check_nan(sim, row_chunk)
-    captions = torch.bincount(t2v, minlength=num_videos)
-    if bool((captions == 0).any()):
-        missing = (captions == 0).nonzero()[:, 0]
-        raise ValueError(f"{len(missing)} of {num_videos} videos have no caption in text_to_video (first: "
-                         f"video {int(missing[0])}), so video->text retrieval is undefined; drop those "
-                         f"columns from sim")
+    captions = _captions_per_video(t2v, num_videos, "columns from sim")
     with torch.no_grad():
         t2v_stats = _t2v_stats(sim, t2v, row_chunk)
         if v2t == "best":
@@ -421,10 +432,7 @@ def retrieval_metrics_from_embeddings(text_emb, video_emb, text_to_video=None, *
         ValueError: as :func:`retrieval_metrics`, plus embeddings that are not 2-D, differ in D or device,
             or hold NaN / inf (whose products would be NaN).
     """
-    if ties not in TIES:
-        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
-    if v2t not in V2T_MODES:
-        raise ValueError(f"v2t must be one of {V2T_MODES}, got {v2t!r}")
+    _check_modes(ties, v2t)
     ks = _check_ks(ks)
     text = _check_embeddings(text_emb, "text_emb")
     video = _check_embeddings(video_emb, "video_emb")
@@ -436,12 +444,7 @@ def retrieval_metrics_from_embeddings(text_emb, video_emb, text_to_video=None, *
     text, video = text.to(dtype), video.to(dtype)
     num_texts, num_videos = text.shape[0], video.shape[0]
     t2v = _check_text_to_video(text_to_video, num_texts, num_videos)
-    captions = torch.bincount(t2v, minlength=num_videos)
-    if bool((captions == 0).any()):
-        missing = (captions == 0).nonzero()[:, 0]
-        raise ValueError(f"{len(missing)} of {num_videos} videos have no caption in text_to_video (first: "
-                         f"video {int(missing[0])}), so video->text retrieval is undefined; drop those "
-                         f"videos from video_emb")
+    captions = _captions_per_video(t2v, num_videos, "videos from video_emb")
     budget = _BLOCK_ELEMENTS["cuda" if text.device.type == "cuda" else "cpu"]
     chunk = _check_chunk_size(chunk_size, budget // (num_texts + num_videos))
     with torch.no_grad():

@@ -410,10 +410,9 @@ def test_cmgen_eval_retrieval_end_to_end(tmp_path, capsys):
 
 # ------------------------------------------------------------------------- from embeddings (at scale)
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
 from evaluation import retrieval as retrieval_module  # noqa: E402
 from evaluation.retrieval import retrieval_metrics_from_embeddings  # noqa: E402
+from tests.test_losses_core import _MaxNumel  # noqa: E402  (the largest tensor any op returns)
 
 
 def _embeddings(num_videos, counts, rng, dim=6, levels=None):
@@ -451,19 +450,6 @@ def test_from_embeddings_square_torch_and_heavy_ties():
     assert retrieval_metrics_from_embeddings(text.astype(np.int64), video.astype(np.int64)) == want
     constant = retrieval_metrics_from_embeddings(np.ones((20, 3)), np.ones((20, 3)))
     assert constant["t2v"]["R@1"] == pytest.approx(5.0) and constant["v2t"]["MnR"] == pytest.approx(10.5)
-
-
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("v2t", ["best", "maxpool"])

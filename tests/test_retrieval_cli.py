@@ -113,7 +113,7 @@ def test_feature_folder_completeness_and_input_errors(tmp_path, capsys):
     assert main(base) == 2
     assert "exactly one of" in capsys.readouterr().err
     assert main(["eval", "retrieval", "--benchmark", "msvd", "--data-root", str(tmp_path), "--sims", "x.npy"]) == 2
-    assert "test_list.txt: file not found" in capsys.readouterr().err
+    assert "raw-captions.pkl: file not found" in capsys.readouterr().err
     np.save(tmp_path / "t.npy", np.zeros((4, 3)))
     np.save(tmp_path / "v.npy", np.zeros((5, 3)))
     assert main(base + ["--text-emb", str(tmp_path / "t.npy"), "--video-emb", str(tmp_path / "v.npy")]) == 2

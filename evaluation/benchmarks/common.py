@@ -108,6 +108,19 @@ def from_pairs(benchmark: str, split: str, pairs: Sequence[tuple[str, str]], vid
     return RetrievalSplit(benchmark, split, ids, [t for _, t in pairs], [position[v] for v, _ in pairs], **kwargs)
 
 
+def from_listed_captions(benchmark: str, split: str, list_path: Path, captions: dict[str, list[str]],
+                         captions_path: Path) -> RetrievalSplit:
+    """Every caption of every video of the id list ``list_path`` (captions from ``captions_path``); a
+    listed video without captions is an error naming both files."""
+    ids = read_id_list(list_path)
+    lacking = [v for v in ids if v not in captions]
+    if lacking:
+        raise BenchmarkError(f"{captions_path}: no captions for {len(lacking)} videos of {list_path}, "
+                             f"e.g. {lacking[:5]}")
+    return from_pairs(benchmark, split, [(v, c) for v in ids for c in captions[v]], ids,
+                      files=[str(list_path), str(captions_path)])
+
+
 # ------------------------------------------------------------------------------------ small readers
 
 def read_json(path: str | os.PathLike) -> Any:

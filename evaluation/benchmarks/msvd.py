@@ -14,7 +14,7 @@ import os
 import pickle
 from pathlib import Path
 
-from .common import BenchmarkError, RetrievalSplit, from_pairs, read_id_list
+from .common import BenchmarkError, RetrievalSplit, from_listed_captions
 
 __all__ = ["read_raw_captions", "msvd"]
 
@@ -59,10 +59,4 @@ def msvd(root: str | os.PathLike, split: str = "test", captions_file: str = "raw
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(root)
     list_path, cap_path = root / f"{split}_list.txt", root / captions_file
-    ids = read_id_list(list_path)
-    captions = read_raw_captions(cap_path)
-    lacking = [v for v in ids if v not in captions]
-    if lacking:
-        raise BenchmarkError(f"{cap_path}: no captions for {len(lacking)} videos of {list_path}, e.g. {lacking[:5]}")
-    return from_pairs("msvd", split, [(v, c) for v in ids for c in captions[v]], ids,
-                      files=[str(list_path), str(cap_path)])
+    return from_listed_captions("msvd", split, list_path, read_raw_captions(cap_path), cap_path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .common import BenchmarkError, RetrievalSplit, from_pairs, read_id_list, read_json
+from .common import BenchmarkError, RetrievalSplit, from_listed_captions, read_json
 
 __all__ = ["read_vatex_captions", "vatex"]
 
@@ -49,10 +49,4 @@ def vatex(root: str | os.PathLike, split: str = "test", captions_file: str = "va
     root = Path(root)
     list_path = root / (list_file or f"{split}_list.txt")
     cap_path = root / captions_file
-    ids = read_id_list(list_path)
-    captions = read_vatex_captions(cap_path)
-    lacking = [v for v in ids if v not in captions]
-    if lacking:
-        raise BenchmarkError(f"{cap_path}: no enCap for {len(lacking)} videos of {list_path}, e.g. {lacking[:5]}")
-    return from_pairs("vatex", split, [(v, c) for v in ids for c in captions[v]], ids,
-                      files=[str(list_path), str(cap_path)])
+    return from_listed_captions("vatex", split, list_path, read_vatex_captions(cap_path), cap_path)
