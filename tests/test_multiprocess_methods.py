@@ -55,6 +55,7 @@ def test_toy_ranks_agree_and_match_one_process(toy_two_process_run, toy_one_proc
     assert sorted(two[0]) == list(range(1, STEPS + 1))
     assert_finite_losses(two)
     assert_ranks_agree(two)  # no exemptions: weights, the head's queue/ages/ptr, method stats
+    assert {rec["backend"] for rank in two.values() for rec in rank.values()} == {"gloo"}
     head = two[0][STEPS]["models"]["head"]
     assert int(head["ptr"]) == (2 * STEPS) % head["queue"].shape[0] and head["queue"].abs().sum() > 0
 

@@ -95,7 +95,8 @@ class StepContext:
     - ``ema``: name -> averaged ``nn.Module`` for the models listed in ``cfg.ema.models``;
     - ``backward(loss)``: mixed-precision scaling and division by ``grad_accum``;
     - ``step(name)``: on the last micro-batch of a step, unscale + clip + optimizer step + zero_grad
-      (a no-op on earlier micro-batches, where gradients keep accumulating);
+      (a no-op on earlier micro-batches, where gradients keep accumulating); with fp16, an update the
+      grad scaler skips (inf/NaN gradients) is counted in ``amp_skipped[name]`` (logged, checkpointed);
     - ``frozen(*names)``, ``unwrap(name)``, ``autocast()``.
     """
 
@@ -105,6 +106,8 @@ class StepContext:
         self.models, self.optimizers, self.ema = models, optimizers, ema
         self.step_index = 0
         self.grad_norms: dict[str, torch.Tensor] = {}
+        # fp16: optimizer updates the grad scaler skipped (inf/NaN gradients), per optimizer, over the run
+        self.amp_skipped: dict[str, int] = {}
         self._params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
         from accelerate.utils import DistributedType
         self._plain_ddp = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
@@ -157,13 +160,18 @@ class StepContext:
             # (~0.4 ms); for plain DDP/single-process it only forwards to the optimizer or the scaler.
             raw, scaler = opt.optimizer, self.accelerator.scaler
             if scaler is not None:
-                scaler.step(raw)
-                scaler.update()
+                scale = scaler.get_scale()
+                scaler.step(raw)   # skips raw.step() when the unscaled gradients hold inf/NaN
+                scaler.update()    # ... and then lowers the scale: that is how a skip shows
+                if scaler.get_scale() < scale:
+                    self.amp_skipped[name] = self.amp_skipped.get(name, 0) + 1
             else:
                 raw.step()
             raw.zero_grad(set_to_none=True)
         else:
             opt.step()
+            if getattr(opt, "step_was_skipped", False):
+                self.amp_skipped[name] = self.amp_skipped.get(name, 0) + 1
             opt.zero_grad(set_to_none=True)
 
     def zero_grad(self, name: str) -> None:

@@ -7,7 +7,7 @@ them in the environment of ``torchrun`` (inherited by every rank) or with ``monk
 ``CMGEN_TEST_DUMP_DIR=D``
     After every optimizer step, each process writes ``D/rank{r}/step_{s:06d}.pt`` (``torch.save``)::
 
-        {"step": s, "rank": r, "world_size": W, "pid": os.getpid(),
+        {"step": s, "rank": r, "world_size": W, "pid": os.getpid(), "backend": "gloo" | "nccl" | None,
          "losses": {term: float},                  # this rank's last micro-batch of the step
          "models": {name: state_dict},             # parameters AND buffers (MoCo queues, BN stats), CPU
          "extra": {name: state_dict}}              # method.extra_state() objects
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["DUMP_ENV", "FAULT_ENV", "StepProbe"]
 
@@ -70,7 +71,9 @@ class StepProbe:
                    extra: dict[str, Any]) -> None:
         """``models`` are the bare (unwrapped) modules; ``extra`` the method's ``extra_state()``."""
         if self.dump_dir is not None:
+            backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
             record = {"step": step, "rank": self.rank, "world_size": self.world_size, "pid": os.getpid(),
+                      "backend": backend,
                       "losses": {k: float(v.detach().float().mean()) for k, v in losses.items()},
                       "models": {n: _cpu(m.state_dict()) for n, m in models.items()},
                       "extra": {n: _cpu(o.state_dict()) for n, o in extra.items()}}

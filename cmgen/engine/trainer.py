@@ -241,6 +241,7 @@ class _Trainer:
                 fresh.restore(self.optimizers, schedulers, self.ema)
             self.step = int(state["step"])
             self.loader.load_state_dict(state["data"])
+            self.ctx.amp_skipped = {k: int(v) for k, v in state.get("amp_skipped", {}).items()}
             self._rescale_note(resume_from, int(state.get("world_size", acc.num_processes)))
             self.last_checkpoint = resume_from
         else:
@@ -372,7 +373,8 @@ class _Trainer:
         self._check_params(step)
         state = {"step": step, "data": self.loader.state_dict(), "models": self.trainable,
                  "optimizers": list(self.optimizers), "custom": self.custom_names,
-                 "world_size": self.acc.num_processes, "method": self.cfg.method, "time": time.time()}
+                 "world_size": self.acc.num_processes, "method": self.cfg.method, "time": time.time(),
+                 "amp_skipped": dict(self.ctx.amp_skipped)}
         self.last_checkpoint = save_checkpoint(self.acc, self.ckpt_root, step, state, self.config_yaml,
                                                self.cfg.train.keep_last)
 
@@ -454,6 +456,9 @@ class _Trainer:
                 record = {"step": done, "epoch": self.loader.epoch, **dict(zip(names, means))}
                 record.update({f"lr/{n}": opt.param_groups[0]["lr"] for n, opt in self.optimizers.items()})
                 record.update({f"grad_norm/{n}": float(g) for n, g in self.ctx.grad_norms.items()})
+                if acc.scaler is not None:  # fp16: updates skipped so far (inf/NaN gradients) and the scale
+                    record.update({f"amp/skipped/{n}": self.ctx.amp_skipped.get(n, 0) for n in self.optimizers})
+                    record["amp/scale"] = float(acc.scaler.get_scale())
                 record["steps_per_sec"] = (done - s_last) / max(now - t_last, 1e-9)
                 record["time"] = time.time()
                 self._log(record)
