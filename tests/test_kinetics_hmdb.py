@@ -80,3 +80,64 @@ def test_stratified_subset_covers_classes_and_is_seeded():
     assert stratified_subset(labels, 12, seed=3) == sub and stratified_subset(labels, 12, seed=4) != sub
     assert sorted(torch.bincount(torch.tensor([labels[i] for i in stratified_subset(labels, 20)])).tolist()) == [5, 7, 8]
     assert stratified_subset(labels, 100) == list(range(85))
+
+
+def write_kinetics(tmp_path: Path, mp4s) -> Path:
+    """train/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 and the official CSV (one row missing)."""
+    root = tmp_path / "kinetics400"
+    (root / "train" / "abseiling").mkdir(parents=True)
+    (root / "train" / "air_drumming").mkdir(parents=True)          # underscores for spaces, as some downloaders
+    shutil.copyfile(mp4s[0], root / "train" / "abseiling" / "--07WQ2iBlw_000001_000011.mp4")
+    shutil.copyfile(mp4s[1], root / "train" / "abseiling" / "-3B32lodo2M_000059_000069.mp4")
+    shutil.copyfile(mp4s[2], root / "train" / "air_drumming" / "-VtLx-mcPds_000012_000022.mp4")
+    (root / "kinetics_400_train.csv").write_text(
+        "label,youtube_id,time_start,time_end,split,is_cc\n"
+        "abseiling,--07WQ2iBlw,1,11,train,0\n"
+        "abseiling,-3B32lodo2M,59,69,train,0\n"
+        "air drumming,-VtLx-mcPds,12,22,train,0\n"
+        "air drumming,-absent0000,3,13,train,0\n"
+        "air drumming,-validrow00,5,15,validate,0\n")
+    return root
+
+
+def test_kinetics_csv_layout_lists_missing_files_once(tmp_path, mp4s):
+    from video.datasets import Kinetics400
+    root = write_kinetics(tmp_path, mp4s)
+    with pytest.warns(RuntimeWarning, match="1 of 4 videos") as record:
+        ds = Kinetics400(root / "train", root / "kinetics_400_train.csv", split="train", clip_len=4)
+    assert len(record) == 1
+    assert ds.classes == ["abseiling", "air drumming"] and ds.targets == [0, 0, 1]
+    assert [rel for rel, _ in ds.samples][2] == "air_drumming/-VtLx-mcPds_000012_000022.mp4"
+    assert [Path(m).name for m in ds.missing] == ["-absent0000_000003_000013.mp4"]
+    clip, label = ds[2]
+    assert clip.shape == (3, 4, 32, 32) and label == 1
+    with pytest.raises(ValueError, match="missing"):
+        Kinetics400(root / "train", root / "kinetics_400_train.csv", split="train", missing="error")
+    (root / "bad.csv").write_text("label,youtube_id\nabseiling,x\n")
+    with pytest.raises(ValueError, match="expected the columns"):
+        Kinetics400(root / "train", root / "bad.csv")
+
+
+def test_kinetics_folder_layout(tmp_path, mp4s):
+    from video.datasets import Kinetics400
+    root = write_kinetics(tmp_path, mp4s)
+    (root / "train" / "abseiling" / "notes.txt").write_text("not a video")
+    ds = Kinetics400(root / "train", clip_len=4)
+    assert ds.classes == ["abseiling", "air_drumming"] and ds.targets == [0, 0, 1] and ds.missing == []
+
+
+def test_videomoco_pretrains_on_kinetics_with_official_augment(tmp_path, mp4s):
+    from cmgen.engine import load_config, train
+    from tests.test_engine import ROOT
+    root = write_kinetics(tmp_path, mp4s)
+    cfg = load_config(ROOT / "configs" / "videomoco" / "kinetics400.yaml", [
+        f"data.root={root}", "protocol.epochs=2", "protocol.lr_drop_epochs=[1]", "protocol.adversarial_start_epoch=1",
+        "model.backbone=tiny", "model.backbone_width=2", "model.K=6", "model.dim=8", "model.g_width=2",
+        "model.g_hidden=4", "data.clip_len=8", "data.size=16", "train.batch_size=3", "train.num_workers=0",
+        f"run.output_dir={tmp_path}", "run.name=k", "train.progress_bar=false", "train.trackers=[]",
+        "train.log_every=1", "train.checkpoint_every=0"])
+    with pytest.warns(RuntimeWarning, match="missing"):
+        result = train(cfg)
+    assert result.step == 2 and cfg.schedule.milestones == [1] and cfg.model.adversarial_start_step == 1
+    assert result.metrics["data/skipped"] == 0.0 and result.metrics["loss_g"] != 0.0
+    assert (tmp_path / "k" / "logs" / "missing_videos.txt").read_text().count("\n") == 1

@@ -263,3 +263,15 @@ def test_corrupt_videos_are_skipped_and_counted(digits, tmp_path):
     assert len(messages) == 3 and any(Path(garbage).name in m for m in messages)
     # a skipped item is replaced by the next readable one
     assert ds.samples[1][1] != ds.samples[2][1] and ds[1][1] == ds.samples[2][1]
+    # with workers: each keeps its own counters, the skip log gathers them (the training methods read it)
+    workers = UCF101(root, tmp_path / "trainlist01.txt", src / "ucfTrainTestlist" / "classInd.txt", clip_len=4)
+    workers.skip_log = tmp_path / "skips"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert sum(len(y) for _, y in DataLoader(workers, batch_size=2, num_workers=2, collate_fn=collate)) == len(ds)
+    assert workers.skipped == 0                                  # nothing counted in the main process
+    from video.datasets import SkipReport, read_skip_log
+    assert {Path(p).name for p in read_skip_log(tmp_path / "skips")} == {Path(p).name for p in ds.skipped_paths}
+    report = SkipReport(tmp_path / "skips", steps_per_epoch=2, max_steps=4)
+    assert report.update(1) == 3                                 # epoch end: re-read
+    assert report.update(2) == 3 and report.update(3) == 3

@@ -431,3 +431,56 @@ def test_eval_subset_is_stratified_and_reports_chance(data_root):
     ctx.device = torch.device("cpu")
     metrics = method.evaluate(ctx)
     assert metrics["knn_chance"] == 12.5 and 0.0 <= metrics["knn_top1"] <= 100.0
+
+
+def test_c3d_widths_follow_the_transcribed_table():
+    """models/c3d.py of xudejing/video-clip-order-prediction @ 7a1710d: conv widths and pools."""
+    from video.backbones import C3D, C3D_LAYERS
+    expected = [64, 128, 256, 256, 512, 512, 512, 512]
+    net = C3D(dim=16)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert [c.out_channels for c in convs] == expected == [w for _, w, _ in C3D_LAYERS]
+    assert all(c.kernel_size == (3, 3, 3) and c.padding == (1, 1, 1) for c in convs)
+    pools = [m.kernel_size for m in net.modules() if isinstance(m, torch.nn.MaxPool3d)]
+    assert pools == [(1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)]
+    assert len([m for m in net.modules() if isinstance(m, torch.nn.BatchNorm3d)]) == 8
+    assert net.eval()(clips(1, 8, 16)).shape == (1, 16) and net.feature_dim == 512
+    with pytest.raises(ValueError, match="T >= 8"):
+        net(clips(1, 4, 16))
+
+
+def test_official_augment_follows_kornia_050_semantics():
+    """moco/loader.py::MoCoAugment with kornia v0.5.0 ColorJitter: additive brightness, contrast without
+    a mean, one order per call; per-frame draws by default."""
+    from video.augment import VideoMoCoAugment
+    aug = VideoMoCoAugment(normalize=False)
+    x = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(4)
+    p = {"grey": torch.tensor([True, False, False, False]), "flip": torch.tensor([False, True, False, False]),
+         "brightness": torch.tensor([1.2, 1.0, 0.7, 1.0]), "contrast": torch.tensor([1.0, 1.3, 0.8, 1.0]),
+         "saturation": ones, "hue": torch.zeros(4), "order": torch.tensor([1, 0, 2, 3])}
+    y = aug.apply(x, p)
+    grey = (0.299 * x[0, 0] + 0.587 * x[0, 1] + 0.114 * x[0, 2]).expand(3, 5, 5)
+    torch.testing.assert_close(y[0], (grey + 0.2).clamp(0, 1), atol=2e-6, rtol=0)
+    torch.testing.assert_close(y[1], (x[1] * 1.3).clamp(0, 1).flip(-1), atol=2e-6, rtol=0)
+    torch.testing.assert_close(y[2], ((x[2] * 0.8).clamp(0, 1) - 0.3).clamp(0, 1), atol=2e-6, rtol=0)
+    torch.testing.assert_close(y[3], x[3], atol=2e-6, rtol=0)            # identity factors
+    # hue shift of half a turn on a pure red pixel gives cyan
+    red = torch.zeros(1, 3, 1, 1)
+    red[0, 0] = 1.0
+    half = {**{k: v[:1] for k, v in p.items() if k != "order"}, "grey": torch.tensor([False]),
+            "flip": torch.tensor([False]), "brightness": torch.ones(1), "contrast": torch.ones(1),
+            "hue": torch.tensor([0.5]), "order": torch.tensor([3, 0, 1, 2])}
+    torch.testing.assert_close(aug.apply(red, half).flatten(), torch.tensor([0.0, 1.0, 1.0]), atol=1e-6, rtol=0)
+    # per-frame: frames of a clip draw independently (~20% grey, ~50% flipped); per-clip: frames agree
+    draws = VideoMoCoAugment().sample_params(200, 16, torch.device("cpu"), torch.Generator().manual_seed(1))
+    assert 0.17 < draws["grey"].float().mean() < 0.23 and 0.46 < draws["flip"].float().mean() < 0.54
+    assert (draws["brightness"].min() >= 0.6) and (draws["brightness"].max() <= 1.4)
+    assert draws["hue"].abs().max() <= 0.4 and sorted(draws["order"].tolist()) == [0, 1, 2, 3]
+    per_clip = VideoMoCoAugment(per="clip").sample_params(3, 4, torch.device("cpu"))
+    assert all((per_clip[k].view(3, 4) == per_clip[k].view(3, 4)[:, :1]).all() for k in ("grey", "flip", "hue"))
+    same = torch.rand(2, 3, 1, 6, 6).repeat(1, 1, 4, 1, 1)
+    out = VideoMoCoAugment()(same, generator=torch.Generator().manual_seed(2))
+    assert not all(torch.allclose(out[:, :, 0], out[:, :, j]) for j in range(1, 4))
+    with pytest.raises(ValueError, match="per"):
+        VideoMoCoAugment(per="video")

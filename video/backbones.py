@@ -4,6 +4,10 @@
   (``weights=None``; nothing is downloaded). As in VideoMoCo/MoCo (``base_encoder(num_classes=dim)``)
   the final ``fc`` is the projection to ``dim``; ``mlp=True`` puts MoCo v2's hidden layer in front of it.
   ``weights_path`` loads a local state dict (e.g. a Kinetics checkpoint) into everything but ``fc``.
+- ``c3d``: C3D (Tran et al., ICCV 2015; the VideoMoCo paper's third backbone) in the self-supervised
+  form with BatchNorm after every conv and ``pool5 = AdaptiveAvgPool3d(1)`` (512-d), transcribed from
+  xudejing/video-clip-order-prediction ``models/c3d.py`` at commit
+  7a1710d3debd66a328e2395676fecd18ecdebeae (the official VideoMoCo code ships no C3D). Needs T >= 8.
 - ``tiny``: a 3-block 3D CNN (conv-BN-ReLU, strided in space and time) for CPU tests and the demo.
 """
 from __future__ import annotations
@@ -13,9 +17,13 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["TinyVideoCNN", "TorchvisionVideoBackbone", "build_backbone", "BACKBONES"]
+__all__ = ["TinyVideoCNN", "C3D", "TorchvisionVideoBackbone", "build_backbone", "BACKBONES", "C3D_LAYERS"]
 
-BACKBONES = ("tiny", "r3d_18", "r2plus1d_18")
+BACKBONES = ("tiny", "r3d_18", "r2plus1d_18", "c3d")
+
+# (name, out channels, max-pool after it as (T, H, W) or None), c3d.py's conv1 .. conv5b
+C3D_LAYERS = (("conv1", 64, (1, 2, 2)), ("conv2", 128, (2, 2, 2)), ("conv3a", 256, None), ("conv3b", 256, (2, 2, 2)),
+              ("conv4a", 512, None), ("conv4b", 512, (2, 2, 2)), ("conv5a", 512, None), ("conv5b", 512, None))
 
 
 def _check_clip(x: torch.Tensor) -> None:
@@ -47,6 +55,37 @@ class TinyVideoCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, T, H, W) -> (B, 4 * width)`` pooled features before the projection."""
         _check_clip(x)
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+class C3D(nn.Module):
+    """C3D with BN: eight 3x3x3 conv (padding 1) - BN - ReLU layers of :data:`C3D_LAYERS` widths with
+    max-pools after conv1 (1, 2, 2), conv2, conv3b, conv4b (2, 2, 2), then global average pooling to
+    512 and ``fc`` to ``dim`` (optionally MoCo v2's MLP first).
+
+    Shape: ``(B, 3, T, H, W) -> (B, dim)``, T >= 8 and H, W >= 16.
+    """
+
+    def __init__(self, dim: int = 128, mlp: bool = False):
+        super().__init__()
+        layers, c_in = [], 3
+        for name, c_out, pool in C3D_LAYERS:
+            layers += [nn.Conv3d(c_in, c_out, 3, padding=1), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+            if pool is not None:
+                layers.append(nn.MaxPool3d(pool, stride=pool))
+            c_in = c_out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(1))
+        self.feature_dim = c_in
+        self.fc = _head(c_in, dim, mlp)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, T, H, W) -> (B, 512)`` pooled features before the projection."""
+        _check_clip(x)
+        if x.shape[2] < 8 or min(x.shape[3:]) < 16:
+            raise ValueError(f"C3D pools T by 8 and H, W by 16: need T >= 8 and H, W >= 16, got {tuple(x.shape)}")
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,4 +150,8 @@ def build_backbone(name: str, dim: int = 128, width: int = 16, mlp: bool = False
         return TinyVideoCNN(dim, width, mlp)
     if name in ("r3d_18", "r2plus1d_18"):
         return TorchvisionVideoBackbone(name, dim, mlp, weights_path)
+    if name == "c3d":
+        if weights_path is not None:
+            raise ValueError("c3d loads pretrained weights through model.init_from of a fine-tune, not weights_path")
+        return C3D(dim, mlp)
     raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")

@@ -6,9 +6,11 @@ video), so a DataLoader batch is the ``(B, 3, T, H, W)`` tensor 3D backbones and
 
 Unreadable videos (missing, truncated, corrupt, too short to index) never stop a run: ``__getitem__``
 warns once naming the file, counts it in ``dataset.skipped`` (paths in ``dataset.skipped_paths``) and
-returns the next readable item instead. The counters live in the process that reads: with
-``num_workers > 0`` each worker keeps its own, so read the counts in a ``num_workers=0`` pass (or the
-warnings) when they matter.
+returns the next readable item instead. The counters live in the process that reads (each DataLoader
+worker keeps its own); set ``dataset.skip_log = DIR`` before the workers start and every process
+(workers, ranks) also appends each video it skips to ``DIR/skipped-<pid>.tsv``, which
+:func:`read_skip_log` merges: that is how the training methods count skipped videos of all workers and
+ranks.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from torch.utils.data import Dataset, default_collate
 
 from .io import VideoReadError, dense_clips, num_frames, random_clip_indices, read_frames, uniform_indices
 
-__all__ = ["UCF101", "HMDB51", "MSRVTT", "read_class_ind", "read_split_file", "read_hmdb51_splits",
-           "stratified_subset", "collate"]
+__all__ = ["UCF101", "HMDB51", "Kinetics400", "MSRVTT", "read_class_ind", "read_split_file",
+           "read_hmdb51_splits", "read_kinetics_csv", "read_skip_log", "SkipReport", "stratified_subset", "collate"]
 
 
 def read_class_ind(path: str | os.PathLike) -> list[str]:
@@ -71,6 +73,7 @@ class _SkippingVideoDataset(Dataset, abc.ABC):
     def __init__(self) -> None:
         self.skipped_paths: set[str] = set()
         self._num_frames: dict[str, int] = {}  # per-video frame counts, so each file is counted once
+        self.skip_log: str | os.PathLike | None = None
 
     @property
     def skipped(self) -> int:
@@ -92,6 +95,8 @@ class _SkippingVideoDataset(Dataset, abc.ABC):
                 if e.path not in self.skipped_paths:
                     self.skipped_paths.add(e.path)
                     warnings.warn(f"skipping unreadable video {e.path}: {e.reason}", RuntimeWarning, stacklevel=2)
+                    if self.skip_log is not None:
+                        _append_skip(self.skip_log, e.path, e.reason)
         raise RuntimeError(f"none of the {n} videos of {type(self).__name__} could be read; "
                            f"e.g. {sorted(self.skipped_paths)[:3]}")
 
@@ -109,6 +114,75 @@ class _SkippingVideoDataset(Dataset, abc.ABC):
         if self.transform is not None:
             clips = torch.stack([self.transform(c) for c in clips])
         return clips[0] if clips.shape[0] == 1 else clips
+
+
+def _append_skip(log_dir: str | os.PathLike, path: str, reason: str) -> None:
+    """One line ``path<TAB>reason`` appended to this process's file (a single small write: concurrent
+    processes never interleave inside a line of their own file)."""
+    d = Path(log_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    line = f"{path}\t{' '.join(reason.split())}\n"
+    with open(d / f"skipped-{os.getpid()}.tsv", "a") as f:
+        f.write(line)
+
+
+def read_skip_log(log_dir: str | os.PathLike) -> dict[str, str]:
+    """``{path: reason}`` of every video skipped by any process that wrote to ``log_dir``."""
+    out: dict[str, str] = {}
+    d = Path(log_dir)
+    if not d.is_dir():
+        return out
+    for f in sorted(d.glob("skipped-*.tsv")):
+        for line in f.read_text().splitlines():
+            path, _, reason = line.partition("\t")
+            if path:
+                out.setdefault(path, reason)
+    return out
+
+
+class SkipReport:
+    """Skipped videos of a whole run (all DataLoader workers and ranks), for a method's ``train_step``.
+
+    ``attach(dataset)`` points the dataset's ``skip_log`` at ``log_dir`` (call it in ``build_dataset``,
+    before the engine starts workers). ``update(step, main_process)`` returns the number of distinct
+    skipped videos so far (re-read every ``refresh_steps`` steps and at epoch ends; files of other
+    processes may lag by a few batches) and, on the main process, prints the videos first skipped during
+    the epoch at each epoch end and the whole list after the last step.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, steps_per_epoch: int, max_steps: int, refresh_steps: int = 10):
+        self.log_dir, self.steps_per_epoch, self.max_steps = Path(log_dir), max(1, steps_per_epoch), max_steps
+        self.refresh_steps = max(1, refresh_steps)
+        self._count, self._reported = 0, set()
+
+    def attach(self, dataset: Dataset) -> Dataset:
+        inner = dataset
+        while not isinstance(inner, _SkippingVideoDataset):
+            inner = getattr(inner, "clips", None) or getattr(inner, "videos", None)
+            if inner is None:
+                raise ValueError(f"{type(dataset).__name__} wraps no video dataset with a skip log")
+        inner.skip_log = os.fspath(self.log_dir)
+        return dataset
+
+    def update(self, step: int, main_process: bool = True) -> int:
+        done = step + 1
+        epoch_end = done % self.steps_per_epoch == 0
+        last = done >= self.max_steps
+        if done % self.refresh_steps and not epoch_end and not last:
+            return self._count
+        skipped = read_skip_log(self.log_dir)
+        self._count = len(skipped)
+        if main_process and (epoch_end or last):
+            paths = list(skipped)
+            if last and paths:
+                print(f"data: {len(paths)} unreadable videos skipped in this run:\n" +
+                      "\n".join(f"  {p}: {skipped[p]}" for p in paths), flush=True)
+            elif any(p not in self._reported for p in paths):
+                new = [p for p in paths if p not in self._reported]
+                print(f"data: epoch {done // self.steps_per_epoch}: {len(new)} more unreadable videos skipped "
+                      f"({len(paths)} in all):\n" + "\n".join(f"  {p}: {skipped[p]}" for p in new), flush=True)
+            self._reported = set(paths)
+        return self._count
 
 
 class UCF101(_SkippingVideoDataset):
@@ -243,6 +317,96 @@ class HMDB51(UCF101):
         self.root = Path(root)
         self.classes, splits = read_hmdb51_splits(split_dir, split)
         self.samples = splits["train" if train else "test"]
+        self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout)
+
+
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
+
+
+def read_kinetics_csv(path: str | os.PathLike, split: str | None = None) -> list[tuple[str, str]]:
+    """``(label, file name)`` rows of an official Kinetics-400 annotation CSV
+    (``label,youtube_id,time_start,time_end,split[,is_cc]``), the file named
+    ``<youtube_id>_<time_start:06d>_<time_end:06d>.mp4`` as the official downloader writes it.
+    ``split`` keeps only rows of that split (``train``, ``validate``, ``test``)."""
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not set(KINETICS_COLUMNS) <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected the columns {','.join(KINETICS_COLUMNS)}, got {reader.fieldnames}")
+        for n, row in enumerate(reader, 2):
+            if split is not None and row["split"] != split:
+                continue
+            try:
+                start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: time_start/time_end must be numbers, got {row['time_start']!r}, "
+                                 f"{row['time_end']!r}") from None
+            rows.append((row["label"], f"{row['youtube_id']}_{start:06d}_{end:06d}.mp4"))
+    return rows
+
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+
+
+class Kinetics400(UCF101):
+    """Kinetics-400 clips, from the official annotation CSV or from a plain folder of class folders.
+
+    Args:
+        root: the split's video folder: ``<label>/<youtube_id>_<start:06d>_<end:06d>.mp4``. A label's
+            folder is the label itself or the label with spaces replaced by underscores (both layouts
+            exist among downloaders), whichever exists.
+        csv: the official CSV (``kinetics_400_train.csv``, ...); None: the plain layout, every video
+            file (``VIDEO_EXTENSIONS``) under ``root/<class>/``, classes = sorted folder names.
+        split: rows of the CSV to keep (``"train"``, ``"validate"``); None keeps all.
+        classes: the class order (default: the sorted labels of the CSV, or the folder names).
+        missing: CSV rows whose file is absent: ``"skip"`` (left out; listed once in ``self.missing``
+            and one warning) or ``"error"``.
+        clip_len, stride, size, clips_per_video, train, transform, backend, timeout: as :class:`UCF101`.
+
+    Items: ``(clip (3, T, H, W) float in [0, 1], label int)``.
+    """
+
+    def __init__(self, root: str | os.PathLike, csv: str | os.PathLike | None = None, split: str | None = None,
+                 classes: Sequence[str] | None = None, missing: str = "skip", clip_len: int = 16, stride: int = 1,
+                 size: int | Sequence[int] | None = None, clips_per_video: int = 1, train: bool = True,
+                 transform: Callable | None = None, backend: str = "decord", timeout: float | None = 30.0):
+        _SkippingVideoDataset.__init__(self)
+        if missing not in ("skip", "error"):
+            raise ValueError(f"missing must be 'skip' or 'error', got {missing!r}")
+        self.root = Path(root)
+        if csv is not None:
+            rows = read_kinetics_csv(csv, split)
+            self.classes = list(classes) if classes is not None else sorted({label for label, _ in rows})
+            folder = {}
+            for label in self.classes:
+                candidates = [label, label.replace(" ", "_")]
+                folder[label] = next((c for c in candidates if (self.root / c).is_dir()), candidates[0])
+        else:
+            if not self.root.is_dir():
+                raise ValueError(f"Kinetics root {self.root} is not a folder")
+            names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            self.classes = list(classes) if classes is not None else names
+            folder = {c: c for c in self.classes}
+            rows = [(c, f.name) for c in names if c in folder for f in sorted((self.root / c).iterdir())
+                    if f.suffix.lower() in VIDEO_EXTENSIONS]
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = sorted({label for label, _ in rows if label not in index})
+        if unknown:
+            raise ValueError(f"labels {unknown[:5]} of {csv or root} are not among the {len(self.classes)} classes")
+        self.samples, self.missing = [], []
+        for label, name in rows:
+            rel = f"{folder[label]}/{name}"
+            if csv is not None and not (self.root / rel).is_file():
+                self.missing.append(os.fspath(self.root / rel))
+                continue
+            self.samples.append((rel, index[label]))
+        if self.missing:
+            if missing == "error":
+                raise ValueError(f"{len(self.missing)} videos of {csv} are missing under {self.root}, e.g. "
+                                 f"{self.missing[:3]}")
+            warnings.warn(f"{len(self.missing)} of {len(rows)} videos listed in {csv} are missing under "
+                          f"{self.root} and left out (dataset.missing lists them), e.g. {self.missing[:3]}",
+                          RuntimeWarning, stacklevel=2)
         self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout)
 
 

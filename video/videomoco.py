@@ -87,7 +87,9 @@ from cmgen.engine.schedules import build_optimizer
 from cmgen.losses import InfoNCE, MoCoQueue, momentum_update
 
 from .backbones import build_backbone
-from .datasets import UCF101, stratified_subset
+from .augment import VideoMoCoAugment
+from .datasets import Kinetics400, SkipReport, UCF101, stratified_subset
+from .finetune import IMAGENET_MEAN, IMAGENET_STD, ClipTransform
 
 __all__ = ["FrameDropGenerator", "VideoMoCo", "ClipAugment", "TwoViewClips", "VideoMoCoModelConfig",
            "VideoMoCoDataConfig", "VideoMoCoConfig", "VideoMoCoMethod"]
@@ -266,24 +268,33 @@ class VideoMoCo(nn.Module):
 # data: two augmentations of one clip
 # --------------------------------------------------------------------------------------------------
 class ClipAugment:
-    """Random resized crop (one box for all frames; scale ``(0.2, 1)`` as the official
-    ``RandomResizedCropVideo``) to ``size``, then brightness jitter ``x * U(1 - b, 1 + b)`` with
-    probability 0.8. No horizontal flip: on moving-digits it would swap left/right motion classes.
+    """Optional short-side resize (aspect ratio kept), random resized crop (one box for all frames; scale
+    ``(0.2, 1)`` and ratio (3/4, 4/3) as the official ``RandomResizedCropVideo``) to ``size``, then
+    brightness jitter ``x * U(1 - b, 1 + b)`` with probability 0.8 (``brightness=0``: none, the official
+    CPU side). No horizontal flip: on moving-digits it would swap left/right motion classes.
 
     Shape: ``(3, T, H, W) -> (3, T, size, size)``, values clamped to [0, 1]. Draws from torch's global
     RNG (seeded per batch by the engine's loader).
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0), brightness: float = 0.4):
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0), brightness: float = 0.4,
+                 short_side: int | None = None):
         if size < 1 or not 0.0 < scale[0] <= scale[1] <= 1.0 or not 0.0 <= brightness < 1.0:
             raise ValueError(f"need size >= 1, 0 < scale[0] <= scale[1] <= 1, 0 <= brightness < 1; "
                              f"got size={size}, scale={scale}, brightness={brightness}")
+        if short_side is not None and short_side < 1:
+            raise ValueError(f"short_side must be None or >= 1, got {short_side}")
         self.size, self.scale, self.brightness = int(size), tuple(scale), float(brightness)
+        self.short_side = short_side
 
     def __call__(self, clip: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms import RandomResizedCrop
-        from torchvision.transforms.functional import resized_crop
-        frames = clip.transpose(0, 1)                                   # (T, 3, H, W)
+        from torchvision.transforms.functional import resize, resized_crop
+        frames = clip.transpose(0, 1)                                   # (T, 3, H, W), decoded at its own aspect
+        if self.short_side is not None:
+            h, w = frames.shape[-2:]
+            r = self.short_side / min(h, w)
+            frames = resize(frames, [max(1, round(h * r)), max(1, round(w * r))], antialias=True)
         top, left, h, w = RandomResizedCrop.get_params(frames, list(self.scale), [3 / 4, 4 / 3])
         out = resized_crop(frames, top, left, h, w, [self.size, self.size], antialias=True)
         if self.brightness and torch.rand(()) < 0.8:
@@ -311,7 +322,7 @@ class TwoViewClips(Dataset):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class VideoMoCoModelConfig:
-    backbone: Literal["tiny", "r3d_18", "r2plus1d_18"] = "r2plus1d_18"
+    backbone: Literal["tiny", "r3d_18", "r2plus1d_18", "c3d"] = "r2plus1d_18"
     backbone_width: int = 16              # tiny backbone only
     weights_path: Optional[str] = None    # local torchvision state dict for r3d_18 / r2plus1d_18
     mlp: bool = False
@@ -338,12 +349,24 @@ class VideoMoCoDataConfig:
     # $CMGEN_DATA), written on first use; a path: a UCF101 layout root (root/ucf101/UCF-101, ucfTrainTestlist)
     root: Optional[str] = None
     generate: Literal["auto", "always", "never"] = "auto"  # cmgen.data.prepare_embedded_data
+    # ucf101: root/ucf101/{UCF-101, ucfTrainTestlist}; kinetics400: root/kinetics_video_dir (+ the CSV)
+    dataset: Literal["ucf101", "kinetics400"] = "ucf101"
+    kinetics_video_dir: str = "train"      # <label>/<youtube_id>_<start:06d>_<end:06d>.mp4, relative to root
+    kinetics_csv: Optional[str] = None     # official kinetics_400_train.csv (relative to root); None: folders
+    kinetics_split: Optional[str] = "train"
     clip_len: int = 16
     stride: int = 1
-    size: int = 32                         # decoded frame size and crop size
+    size: int = 32                         # crop size (train.py -cs 112); frames are decoded natively
+    short_side: Optional[int] = None       # resize the short side (aspect kept) before cropping; None: native
     crop_scale: tuple[float, float] = (0.2, 1.0)
-    brightness: float = 0.4
+    # tiny: ClipAugment's crop + brightness on the CPU, no flip, no normalisation (moving digits);
+    # official: crop on the CPU, then moco/loader.py MoCoAugment on the device (video/augment.py)
+    augment: Literal["tiny", "official"] = "tiny"
+    augment_per: Literal["frame", "clip"] = "frame"   # official draws per frame (kornia on (B*T, C, H, W))
+    flip: bool = True                      # official augment only (no flip for direction labels)
+    brightness: float = 0.4                # tiny augment only
     eval_clips: int = 64                   # train/test videos (stratified by class) of evaluate's 1-NN, each split
+    eval_root: Optional[str] = None        # kinetics400: a UCF101-layout root for the 1-NN monitor; None: none
     # settings of the embedded data (cmgen.data.write_moving_digits); with a root cmgen did not write unused
     num_videos: int = 64
     num_frames: int = 16
@@ -355,10 +378,21 @@ class VideoMoCoDataConfig:
 
 
 @dataclass
+class VideoMoCoProtocolConfig:
+    """Epoch-based recipe (train.py counts epochs of one random clip per video, ``RandomClipSampler(
+    video_clips, 1)``): with ``epochs`` set, ``train.max_steps``, the step schedule's milestones and
+    ``model.adversarial_start_step`` are derived from the training set size and ``train.batch_size``."""
+    epochs: Optional[int] = None              # README: --epochs 200
+    lr_drop_epochs: list[int] = field(default_factory=lambda: [120, 160])   # --schedule 120 160
+    adversarial_start_epoch: int = 100        # README: 100 epochs D only, then G and D
+
+
+@dataclass
 class VideoMoCoConfig(ExperimentConfig):
     method: str = "videomoco"
     model: VideoMoCoModelConfig = field(default_factory=VideoMoCoModelConfig)
     data: VideoMoCoDataConfig = field(default_factory=VideoMoCoDataConfig)
+    protocol: VideoMoCoProtocolConfig = field(default_factory=VideoMoCoProtocolConfig)
     optim_g: Optional[OptimConfig] = None  # G's optimizer; None = same settings as ``optim``
 
 
@@ -391,6 +425,20 @@ class VideoMoCoMethod(Method):
         default_weight = 1.0 if m.g_objective == "maximize_d" else 100.0
         self.g_weight = m.g_loss_weight if m.g_loss_weight is not None else default_weight
         self._eval_cache: dict | None = None
+        self.gpu_augment: VideoMoCoAugment | None = None
+        self.skips: SkipReport | None = None
+        self._videos: Dataset | None = None
+        p = cfg.protocol
+        if p.epochs is not None:
+            self._videos = self._train_videos()
+            steps = len(self._videos) // cfg.train.batch_size
+            if steps < 1 or p.epochs < 1:
+                raise ValueError(f"protocol.epochs={p.epochs} with {len(self._videos)} videos and train.batch_size="
+                                 f"{cfg.train.batch_size} gives no step")
+            cfg.train.max_steps = p.epochs * steps
+            cfg.schedule.kind = "step"
+            cfg.schedule.milestones = [e * steps for e in p.lr_drop_epochs]
+            m.adversarial_start_step = p.adversarial_start_epoch * steps
 
     def build_models(self, cfg: VideoMoCoConfig) -> dict[str, nn.Module]:
         m = cfg.model
@@ -420,21 +468,61 @@ class VideoMoCoMethod(Method):
         return self._resolved_root
 
     def _ucf(self, split: str, train: bool) -> UCF101:
+        """UCF101 videos decoded at their own size; test-time clips (``train=False``) get the short side
+        resized to ``data.size`` and a centre crop (normalised with the official augmentation)."""
         d = self.cfg.data
-        root = self._data_root() / "ucf101"
+        if d.dataset == "kinetics400":
+            root = Path(d.eval_root) / "ucf101"
+        else:
+            root = self._data_root() / "ucf101"
+        transform = None if train else ClipTransform(d.size, train=False, short_side=d.size,
+                                                     normalize=d.augment == "official")
         return UCF101(root / "UCF-101", root / "ucfTrainTestlist" / f"{split}list01.txt",
                       root / "ucfTrainTestlist" / "classInd.txt", clip_len=d.clip_len, stride=d.stride,
-                      size=d.size, train=train)
+                      size=None, train=train, transform=transform)
+
+    def _train_videos(self) -> Dataset:
+        d = self.cfg.data
+        if d.dataset == "ucf101":
+            return self._ucf("train", train=True)
+        if d.dataset == "kinetics400":
+            if d.root is None:
+                raise ValueError("data.dataset=kinetics400 needs data.root (the Kinetics-400 folder)")
+            root = Path(d.root)
+            csv = None if d.kinetics_csv is None else root / d.kinetics_csv
+            return Kinetics400(root / d.kinetics_video_dir, csv, d.kinetics_split, clip_len=d.clip_len,
+                               stride=d.stride, train=True)
+        raise ValueError(f"data.dataset must be 'ucf101' or 'kinetics400', got {d.dataset!r}")
 
     def build_dataset(self, cfg: VideoMoCoConfig) -> Dataset:
         d = cfg.data
-        return TwoViewClips(self._ucf("train", train=True), ClipAugment(d.size, d.crop_scale, d.brightness))
+        if d.augment not in ("tiny", "official"):
+            raise ValueError(f"data.augment must be 'tiny' or 'official', got {d.augment!r}")
+        videos = self._videos if self._videos is not None else self._train_videos()
+        brightness = d.brightness if d.augment == "tiny" else 0.0
+        dataset = TwoViewClips(videos, ClipAugment(d.size, d.crop_scale, brightness, d.short_side))
+        if d.augment == "official":
+            self.gpu_augment = VideoMoCoAugment(flip_p=0.5 if d.flip else 0.0, per=d.augment_per)
+        from cmgen.engine.trainer import run_dir_of
+        self.skips = SkipReport(run_dir_of(cfg) / "logs" / "skipped", len(dataset) // cfg.train.batch_size,
+                                cfg.train.max_steps, cfg.train.log_every)
+        missing = getattr(videos, "missing", [])
+        if missing:
+            log = run_dir_of(cfg) / "logs" / "missing_videos.txt"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("".join(m + "\n" for m in missing))
+            print(f"data: {len(missing)} videos of the CSV are missing, left out (listed in {log})", flush=True)
+        return self.skips.attach(dataset)
 
     def train_step(self, batch, step: int, ctx: StepContext) -> dict[str, torch.Tensor]:
         m = self.cfg.model
         g, d = ctx.models["g"], ctx.models["d"]
         moco = ctx.unwrap("d")
         im_q, im_k = batch["q"], batch["k"]                            # (B, 3, T, H, W) each
+        if self.gpu_augment is not None:                              # train.py: augmentation_gpu(video[i])
+            with torch.no_grad():
+                aug = self.gpu_augment.to(im_q.device)
+                im_q, im_k = aug(im_q), aug(im_k)
         adversarial = step >= m.adversarial_start_step
 
         # Keys (MoCo Alg. 1): momentum update, then the key encoder on a batch shuffled across ranks,
@@ -490,7 +578,11 @@ class VideoMoCoMethod(Method):
             ctx.step("g")
 
         moco.queue.enqueue(gather_no_grad(k))
-        return {"loss_d": loss_d, "loss_g": loss_g}
+        out = {"loss_d": loss_d, "loss_g": loss_g}
+        if self.skips is not None:                                    # all workers and ranks, see SkipReport
+            out["data/skipped"] = torch.tensor(float(self.skips.update(step, getattr(ctx, "is_main_process", True))),
+                                               device=loss_d.device)
+        return out
 
     # ----------------------------------------------------------------------------------------------
     def _eval_clips(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -511,7 +603,10 @@ class VideoMoCoMethod(Method):
     @torch.no_grad()
     def evaluate(self, ctx: StepContext) -> dict[str, float]:
         """1-NN accuracy (%, cosine, query-encoder pooled features) of the test clips against the train
-        clips, and ``knn_chance``: the accuracy of always answering the most frequent train class."""
+        clips, and ``knn_chance``: the accuracy of always answering the most frequent train class
+        (nothing for Kinetics pretraining without ``data.eval_root``)."""
+        if self.cfg.data.dataset == "kinetics400" and self.cfg.data.eval_root is None:
+            return {}
         clips = self._eval_clips(ctx.device)
         enc = ctx.unwrap("d").encoder_q
         was_training = enc.training
@@ -527,10 +622,15 @@ class VideoMoCoMethod(Method):
     @torch.no_grad()
     def sample(self, ctx: StepContext) -> torch.Tensor:
         """Frames of two test clips after G's frame dropping: ``(2 * T, 3, H, W)``, one clip per row."""
+        if self.cfg.data.dataset == "kinetics400" and self.cfg.data.eval_root is None:
+            return None
         clips = self._eval_clips(ctx.device)["test"][:2]
         g = ctx.unwrap("g")
         was_training = g.training
         g.eval()
         x_fake, _ = g(clips)
         g.train(was_training)
-        return rearrange(x_fake, "b c t h w -> (b t) c h w")
+        if self.cfg.data.augment == "official":                      # undo the ImageNet normalisation
+            x_fake = x_fake * x_fake.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) + \
+                x_fake.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+        return rearrange(x_fake, "b c t h w -> (b t) c h w").clamp(0, 1)
