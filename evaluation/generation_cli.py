@@ -196,8 +196,8 @@ def _real_from_file(path: Path):
 # -------------------------------------------------------------------------------------- image mode
 
 
-def _stats_cache_dir(args: argparse.Namespace) -> Path:
-    if args.stats_cache is not None:
+def _stats_cache_dir(args: argparse.Namespace | None = None) -> Path:
+    if args is not None and args.stats_cache is not None:
         return args.stats_cache
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "cmgen" / "fid_stats"
@@ -212,11 +212,13 @@ def real_set_key(files: list[Path], root: Path, extractor_info: dict) -> str:
     return h.hexdigest()
 
 
-def real_statistics(args: argparse.Namespace, extractor, warns: list[str]) -> tuple[Any, Any, Any, dict]:
-    """(features or None, mu, sigma, provenance) of ``--real``: a folder (cached), a .npy or a .npz."""
+def real_statistics(path: Path, extractor, *, cache_dir: Path, batch_size: int = 50, num_workers: int = 0,
+                    progress: bool = True, warns: list[str] | None = None) -> tuple[Any, Any, Any, dict]:
+    """(features or None, mu, sigma, provenance) of a real set: a folder (cached), a .npy or a .npz."""
     from evaluation.extractors import extract, list_images
 
-    path = args.real
+    warns = [] if warns is None else warns
+    path = Path(path)
     if not path.is_dir():
         feats, mu, sigma = _real_from_file(path)
         if path.suffix == ".npz":
@@ -225,14 +227,14 @@ def real_statistics(args: argparse.Namespace, extractor, warns: list[str]) -> tu
         return feats, mu, sigma, {"source": str(path)}
     files = list_images(path)
     key = real_set_key(files, path, extractor.info)
-    cache = _stats_cache_dir(args) / f"{extractor.info['extractor']}-{key[:24]}.npz"
+    cache = Path(cache_dir) / f"{extractor.info['extractor']}-{key[:24]}.npz"
     prov = {"source": str(path.resolve()), "num_files": len(files), "cache": str(cache), "key": key}
     if cache.is_file():
         with np.load(cache) as f:
             prov["cached"] = True
             return f["features"], f["mu"], f["sigma"], prov
-    out = extract(extractor, files, batch_size=args.batch_size, num_workers=args.num_workers, statistics=True,
-                  progress=not args.no_progress, desc="real")
+    out = extract(extractor, files, batch_size=batch_size, num_workers=num_workers, statistics=True,
+                  progress=progress, desc="real")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -289,7 +291,9 @@ def evaluate_images(args: argparse.Namespace) -> dict:
         if args.extractor != "shapes":
             raise ValueError("--real is required (image folder, features .npy or statistics .npz)")
         args.real = Path(shapes_root) / "train"
-    real, mu_r, sigma_r, real_prov = real_statistics(args, extractor, warns)
+    real, mu_r, sigma_r, real_prov = real_statistics(args.real, extractor, cache_dir=_stats_cache_dir(args),
+                                                     batch_size=args.batch_size, num_workers=args.num_workers,
+                                                     progress=not args.no_progress, warns=warns)
     keep = tuple(k for k in ("features", "probs") if k in extractor.outputs)
     labels: list = []
     if lg is not None:

@@ -142,7 +142,8 @@ def _predict(model: ShapesClassifier, images: torch.Tensor, batch_size: int = 25
 def train_classifier(train_images: torch.Tensor, train_targets: dict[str, torch.Tensor], image_size: int,
                      epochs: int = _EPOCHS, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> ShapesClassifier:
     """Adam on the sum of the four cross-entropies; deterministic in ``seed`` and outside RNG-neutral."""
-    with torch.random.fork_rng(devices=[]):
+    # may be called from an evaluation hook running under no_grad / inference_mode
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(seed)
         model = ShapesClassifier(image_size)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -150,6 +151,7 @@ def train_classifier(train_images: torch.Tensor, train_targets: dict[str, torch.
         steps = epochs * ((n + batch_size - 1) // batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
         model.train()
+        train_images, train_targets = train_images.clone(), {k: v.clone() for k, v in train_targets.items()}
         for _ in range(epochs):
             order = torch.randperm(n)
             for lo in range(0, n, batch_size):

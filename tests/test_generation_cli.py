@@ -80,3 +80,37 @@ def test_checkpoint_shapes_extractor_offline(tiny_gan_run, tmp_path, monkeypatch
     assert r["note"] == shapes_eval.NOT_COMPARABLE
     assert r["extractor"]["extractor"] == "shapes" and r["real"]["source"].endswith("train")
     assert 0.0 <= r["metrics"]["class_accuracy"] <= 1.0 and r["metrics"]["fid"] > 0
+
+
+def test_fid_hook_during_training_and_best_checkpoint(tmp_path, monkeypatch):
+    """eval.fid_every with the shapes extractor: eval/shapes_fd in metrics.jsonl, checkpoints/best kept."""
+    from cmgen.engine.best import BEST_FILE
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import train
+    from cmgen.generate_cli import resolve_checkpoint
+    from tests.test_export_generate import CONFIG
+
+    monkeypatch.setattr(shapes_eval, "_TRAIN_IMAGES", 400)
+    monkeypatch.setattr(shapes_eval, "_EPOCHS", 1)
+    base = [f"run.output_dir={tmp_path}", "train.sample_every=0", "train.log_every=1", "train.progress_bar=false",
+            "train.trackers=[]", "data.num_images=64", "gan.n_dis=1", "train.batch_size=8", "ema.start_step=0",
+            "train.eval_every=1", "eval.fid_samples=12", "eval.batch_size=5", "train.checkpoint_every=0",
+            "train.keep_last=1"]
+    with pytest.raises(ValueError, match="train.eval_every to a divisor"):
+        train(load_config(CONFIG, base + ["run.name=bad", "eval.fid_every=3", "train.eval_every=2",
+                                          "train.max_steps=1"]))
+    result = train(load_config(CONFIG, base + ["run.name=fid", "eval.fid_every=2", "train.max_steps=4"]))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    fids = {r["step"]: r["eval/shapes_fd"] for r in records if "eval/shapes_fd" in r}
+    assert sorted(fids) == [2, 4] and all(v > 0 for v in fids.values())
+    assert all("eval/class_accuracy" in r for r in records if "eval/shapes_fd" in r)
+    best = json.loads((result.run_dir / "checkpoints" / BEST_FILE).read_text())
+    best_step = min(fids, key=fids.get)
+    assert best["step"] == best_step and best["value"] == pytest.approx(fids[best_step])
+    assert best["metric"] == "eval/shapes_fd"
+    ckpt = resolve_checkpoint(result.run_dir, "best")
+    assert ckpt.name == f"step_{best_step:06d}" and (ckpt / "engine_state.json").is_file()
+    assert (result.run_dir / "checkpoints" / "best").resolve() == ckpt.resolve()
+    # keep_last=1 keeps the newest checkpoint and the best one (the one best when the newest was written)
+    kept = {p.name for p in (result.run_dir / "checkpoints").glob("step_*")}
+    assert {ckpt.name, "step_000004"} <= kept <= {"step_000002", "step_000004"}

@@ -118,9 +118,33 @@ class GANSettings:
     sample_seed: int = 0
 
 
+# --- FID during training (evaluation.training_fid; H-eval) ---------------------------------------
+@dataclass
+class GANEvalSettings:
+    """FID of the G-EMA during training, run by :meth:`GANMethod.evaluate`.
+
+    ``fid_every``: steps between FIDs (0 = off); FID runs at the engine's evaluation steps, so
+    ``train.eval_every`` must divide it. ``fid_samples`` generated images in batches of ``batch_size``,
+    from the fixed ``seed``. ``extractor``: ``"shapes"`` (offline shapes classifier against the run's
+    shapes data, logged as ``eval/shapes_fd``, NOT comparable with published FID) or ``"inception"`` (the
+    FID Inception-v3 from ``inception_weights`` or ``$CMGEN_INCEPTION_WEIGHTS`` against ``real``, an image
+    folder or statistics .npz; ``eval/fid``). ``real`` for shapes: a shapes data root (default: the run's).
+    The lowest value is tracked as ``checkpoints/best`` (:mod:`cmgen.engine.best`).
+    """
+
+    fid_every: int = 0
+    fid_samples: int = 1000
+    batch_size: int = 100
+    extractor: Literal["shapes", "inception"] = "shapes"
+    inception_weights: Optional[str] = None
+    real: Optional[str] = None
+    seed: int = 0
+
+
 @dataclass
 class GANConfig(ExperimentConfig):
     gan: GANSettings = field(default_factory=GANSettings)
+    eval: GANEvalSettings = field(default_factory=GANEvalSettings)
 
 
 @dataclass
@@ -300,6 +324,24 @@ class GANMethod(Method):
 
     def num_grid_samples(self) -> int:
         return self.cfg.gan.samples_per_class
+
+    # --- FID during training (evaluation.training_fid; H-eval) -----------------------------------
+    @property
+    def best_metric(self) -> tuple[str, str] | None:
+        """``(metric, "min")`` the engine tracks as ``checkpoints/best`` when ``eval.fid_every > 0``."""
+        from evaluation.training_fid import check_settings, metric_name
+
+        check_settings(self.cfg)
+        return (metric_name(self.cfg), "min") if self.cfg.eval.fid_every else None
+
+    def evaluate(self, ctx: StepContext) -> dict[str, float]:
+        """FID (or the shapes Fréchet distance) of the G-EMA every ``eval.fid_every`` steps."""
+        every = self.cfg.eval.fid_every
+        if not every or (ctx.step_index + 1) % every:
+            return {}
+        from evaluation.training_fid import fid_during_training
+
+        return fid_during_training(self, ctx)
 
     @torch.no_grad()
     def sample(self, ctx: StepContext) -> torch.Tensor:

@@ -91,7 +91,10 @@ def prune_checkpoints(root: str | Path, keep_last: int | None) -> None:
         return
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-    for _, p in list_checkpoints(root)[:-keep_last]:
+    from cmgen.engine.best import best_checkpoint_name
+
+    best = best_checkpoint_name(root)  # checkpoints/best (eval-metric tracking) is kept on top of keep_last
+    for _, p in [c for c in list_checkpoints(root) if c[1].name != best][:-keep_last]:
         shutil.rmtree(p)
 
 

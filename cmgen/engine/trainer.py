@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from cmgen.config import ConfigError, ExperimentConfig, load_yaml, to_yaml, validate
 from cmgen.distributed import all_reduce_mean
+from cmgen.engine.best import BestTracker
 from cmgen.engine.checkpoint import (clean_temporary, latest_checkpoint, list_checkpoints, read_engine_state,
                                      save_checkpoint, STATE_FILE)
 from cmgen.engine.data import ResumableLoader, mix_seed
@@ -416,6 +417,7 @@ class _Trainer:
     def fit(self) -> TrainResult:
         self._setup()
         cfg, acc, tc = self.cfg, self.acc, self.cfg.train
+        best = BestTracker(self.ckpt_root, getattr(self.method, "best_metric", None))  # checkpoints/best
         bar = tqdm(total=tc.max_steps, initial=self.step, desc=cfg.run.name, dynamic_ncols=True,
                    disable=not (acc.is_main_process and tc.progress_bar))
         sums: dict[str, torch.Tensor] = {}
@@ -465,12 +467,17 @@ class _Trainer:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in zip(names, means)}, refresh=False)
                 last_metrics = record
                 sums, count, t_last, s_last = {}, 0, now, done
+            best_due = False
             if tc.eval_every and done % tc.eval_every == 0:
-                last_metrics = {**last_metrics, **self._evaluate(done)}
+                evaluated = self._evaluate(done)
+                last_metrics = {**last_metrics, **evaluated}
+                best_due = best.improved(evaluated)
             if tc.sample_every and done % tc.sample_every == 0:
                 self._sample(done)
-            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps:
+            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps or best_due:
                 self._checkpoint(done)
+                if best_due:
+                    best.mark(done, self.last_checkpoint, evaluated, acc.is_main_process)
             if self.probe is not None:  # tests only (cmgen.engine.probe): per-step dumps, injected faults
                 self.probe.after_step(done, losses, {n: acc.unwrap_model(m) for n, m in self.models.items()},
                                       self.method.extra_state())
