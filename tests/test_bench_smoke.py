@@ -163,3 +163,18 @@ def test_retrieval_bench_smoke(tmp_path):
     other = next(r for r in results if r["impl"] != "cmgen" and r["n"] == data["settings"]["n_full"])
     other["metrics"]["t2v"]["R@1"] += 1.0
     assert bench.check_agreement(results) and other["agrees_with_cmgen"] is False
+
+
+@pytest.mark.slow
+def test_generation_eval_bench_smoke(tmp_path):
+    """bench/generation_eval.py --smoke (in-process): cmgen's and pytorch-fid's FID agree, the table is written."""
+    spec = importlib.util.spec_from_file_location("bench_generation_eval", BENCH / "generation_eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--smoke", "--inline", "--n", "4", "--num-workers", "0", "--threads", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "generation_eval_smoke.json").read_text())
+    assert code == 0 and data["problems"] == []
+    fids = {r["impl"]: r["fid"] for r in data["results"]}
+    assert set(fids) == {"pytorch-fid", "cmgen"} and fids["cmgen"] > 0
+    assert abs(fids["cmgen"] - fids["pytorch-fid"]) <= 1e-3
+    assert "| implementation | FID |" in (tmp_path / "generation_eval_smoke.md").read_text()
