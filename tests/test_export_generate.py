@@ -85,3 +85,29 @@ def test_export_then_generate_gives_the_run_images(tiny_gan_run, tmp_path):
         _run(generate_cli, [str(exported), "--class", "hexagon", "--out", str(grid)])
     with pytest.raises(ValueError, match="no 'best' checkpoint"):
         resolve_checkpoint(tiny_gan_run, "best")
+
+
+def test_text_conditioned_protocol_passes_prompts():
+    """A generator whose config says conditioning='text' gets the prompts (through encode_prompts if defined)."""
+    from cmgen.generate_cli import LoadedGenerator
+
+    class TextG(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.seen = []
+
+        def encode_prompts(self, prompts):
+            self.seen.extend(prompts)
+            return torch.tensor([float(len(p)) for p in prompts])
+
+        def forward(self, z, cond):
+            return torch.tanh(z[:, :1, None, None].expand(-1, 3, 4, 4) * 0 + cond[:, None, None, None] / 100) * self.w
+
+    g = TextG()
+    lg = LoadedGenerator(g, (-1.0, 1.0), 0, "text", 8)
+    out = _images(lg, 3, 0, prompts=["a red circle", "two blue squares"])
+    assert g.seen == ["a red circle", "two blue squares", "a red circle"]
+    assert out.shape == (3, 3, 4, 4)
+    with pytest.raises(ValueError, match="text-conditioned: pass --prompt"):
+        _images(lg, 2, 0)
