@@ -42,7 +42,7 @@ from torch import nn
 from evaluation.generation import feature_statistics, frechet_distance
 
 __all__ = ["ATTRIBUTES", "NOT_COMPARABLE", "ShapesClassifier", "ShapesEvaluator", "primary_attributes",
-           "demo_stage"]
+           "evaluate_generator", "demo_stage"]
 
 NOT_COMPARABLE = ("shapes-classifier features (cmgen ShapesEvaluator), not Inception-v3: "
                   "not comparable with published FID")
@@ -356,6 +356,31 @@ class ShapesEvaluator:
         out["real/shapes_fd_val_vs_train"] = float(self.info["real_val_fd"])
         out["real/num_val_images"] = int(self.info["train_data"]["num_val"])
         return out
+
+
+def evaluate_generator(source: str | os.PathLike, n: int = 500, *, seed: int = 0, data_root: str | None = None,
+                       device: torch.device | str = "cpu", batch_size: int = 100) -> dict[str, Any]:
+    """Shapes-evaluator scores of a trained generator (run dir, checkpoint or exported folder): n images
+    of the G-EMA from ``seed``, classes drawn uniformly, scored against the classes they were drawn for.
+
+    ``data_root`` defaults to the shapes data the run trained on. For the demo report of each GAN.
+    """
+    from cmgen.generate_cli import load_generator, sample_images
+    from evaluation.generation_cli import shapes_root_of
+
+    lg = load_generator(source, device=device)
+    if data_root is None:
+        data_root = shapes_root_of(lg.method, lg.cfg) if lg.method is not None else None
+        if data_root is None:
+            raise ValueError(f"{source}: pass data_root (the generator's run does not name shapes data)")
+    ev = ShapesEvaluator.load_or_train(data_root, device=device)
+    images, labels = [], []
+    for batch, cond in sample_images(lg, n, seed=seed, batch_size=batch_size):
+        images.append(batch.cpu())
+        if isinstance(cond, torch.Tensor):
+            labels.append(cond.cpu())
+    y = torch.cat(labels) if labels and lg.num_classes == len(ATTRIBUTES["shape"]) else None
+    return {**ev.evaluate(torch.cat(images), labels=y), "generator": lg.source, "seed": seed}
 
 
 def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float) -> None:

@@ -82,6 +82,15 @@ def test_checkpoint_shapes_extractor_offline(tiny_gan_run, tmp_path, monkeypatch
     assert 0.0 <= r["metrics"]["class_accuracy"] <= 1.0 and r["metrics"]["fid"] > 0
 
 
+def test_shapes_evaluate_generator(tiny_gan_run, monkeypatch):
+    monkeypatch.setattr(shapes_eval, "_TRAIN_IMAGES", 400)
+    monkeypatch.setattr(shapes_eval, "_EPOCHS", 1)
+    m = shapes_eval.evaluate_generator(tiny_gan_run, n=12, seed=1, batch_size=5)
+    assert m["num_images"] == 12 and m["note"] == shapes_eval.NOT_COMPARABLE
+    assert 0.0 <= m["class_accuracy"] <= 1.0 and m["shapes_fd"] > 0 and m["generator"]["weights"] == "ema"
+    assert m["chance/shape"] == pytest.approx(0.2)
+
+
 def test_fid_hook_during_training_and_best_checkpoint(tmp_path, monkeypatch):
     """eval.fid_every with the shapes extractor: eval/shapes_fd in metrics.jsonl, checkpoints/best kept."""
     from cmgen.engine.best import BEST_FILE
