@@ -80,3 +80,15 @@ def test_bad_input(shapes_root, evaluator, tmp_path):
         evaluator.evaluate(torch.rand(4, 32, 32))
     with pytest.raises(ValueError, match="not a shapes dataset root"):
         ShapesEvaluator.load_or_train(tmp_path, 32)
+
+
+def test_demo_stage_reports_real_references(tmp_path, monkeypatch):
+    from evaluation import shapes_eval
+
+    monkeypatch.setattr(shapes_eval, "_TRAIN_IMAGES", 400)
+    monkeypatch.setattr(shapes_eval, "_EPOCHS", 1)
+    report, summary = [], {}
+    shapes_eval.demo_stage(tmp_path, report, summary, budget_s=60)
+    text = "\n".join(report)
+    assert "not comparable with published FID" in text and "| chance |" in text
+    assert 0.0 <= summary["shapes_evaluator"]["class_accuracy"] <= 1.0
