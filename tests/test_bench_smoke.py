@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -178,3 +179,20 @@ def test_generation_eval_bench_smoke(tmp_path):
     assert set(fids) == {"pytorch-fid", "cmgen"} and fids["cmgen"] > 0
     assert abs(fids["cmgen"] - fids["pytorch-fid"]) <= 1e-3
     assert "| implementation | FID |" in (tmp_path / "generation_eval_smoke.md").read_text()
+
+
+def test_gpu_bench_smoke_runs_on_cpu_and_writes_its_report(tmp_path):
+    """bench/gpu.py --smoke: the three workloads at tiny sizes through the same code as on a GPU."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["smoke"] and report["contragan"]["finite"] and report["videomoco"]["finite"]
+    assert report["contragan"]["images_per_sec"] > 0 and report["videomoco"]["clips_per_sec"] > 0
+    cmgen_rows = [r for r in report["ntxent"] if r["impl"].startswith("cmgen")]
+    assert len(cmgen_rows) == 2 and all(r["status"] == "ok" and r["median_s"] > 0 for r in cmgen_rows)
+    for r in report["ntxent"]:
+        if r["impl"] == "lightly" and r["status"] == "ok":
+            assert all(abs(c["loss"] - r["loss"]) <= 1e-5 * abs(r["loss"]) for c in cmgen_rows)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| contragan |" in md and "| videomoco |" in md and "NT-Xent" in md
