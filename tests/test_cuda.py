@@ -22,7 +22,8 @@ from cmgen.engine.checkpoint import load_model_state, read_engine_state
 from cmgen.engine.method import StepContext
 from cmgen.engine.probe import DUMP_ENV
 from cmgen.engine.toy import ToyMethod
-from tests.multiproc import QUIET, ROOT, TOY_CONFIG, TOY_DIST, assert_ranks_agree, assert_states_close, launch, read_dumps
+from tests.multiproc import (QUIET, ROOT, TOY_CONFIG, TOY_DIST, assert_ranks_agree, assert_states_close, launch,
+                             read_dumps)
 from tests.test_engine import assert_same, checkpoint_contents
 
 CONTRAGAN = str(ROOT / "configs" / "contragan" / "shapes.yaml")
@@ -95,7 +96,8 @@ def test_channels_last_converts_2d_models_and_their_batches(tmp_path, monkeypatc
 
     def spy(batch):
         out = real(batch)
-        images.extend(t for t in (out.values() if isinstance(out, dict) else out) if torch.is_tensor(t) and t.dim() == 4)
+        parts = out.values() if isinstance(out, dict) else out
+        images.extend(t for t in parts if torch.is_tensor(t) and t.dim() == 4)
         return out
 
     monkeypatch.setattr(trainer, "_channels_last", spy)

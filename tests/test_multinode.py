@@ -76,7 +76,8 @@ def test_slurm_launcher_dry_run_prints_the_accelerate_multinode_command(tmp_path
     assert 29500 <= port < 29500 + 1000  # derived from the job id, the same on every node
 
     # An accelerate config file replaces the flags it sets; the per-node values still come from SLURM.
-    proc = _dry_run({**env, "ACCELERATE_CONFIG": "scripts/accelerate_config.example.yaml"}, "configs/toy/synthetic.yaml")
+    proc = _dry_run({**env, "ACCELERATE_CONFIG": "scripts/accelerate_config.example.yaml"},
+                    "configs/toy/synthetic.yaml")
     line = proc.stdout.strip().splitlines()[-1]
     assert "--config_file scripts/accelerate_config.example.yaml" in line and "--machine_rank 1" in line, line
 

@@ -143,13 +143,9 @@ def _queue_entries(record: dict) -> dict:
     return {k: v for k, v in _flatten(record["models"]).items() if "queue" in k}
 
 
-OFFICIAL_DDP = ("g_objective=official backpropagates twice through one DDP forward of d and g (loss_g with "
-                "retain_graph, then loss_d on top): DDP all-reduces the gradients of the first backward only, so "
-                "the ranks' G and D weights diverge from the first adversarial step on")
-
-
-@pytest.mark.parametrize("objective", ["l1", pytest.param("official", marks=pytest.mark.xfail(
-    strict=True, reason=OFFICIAL_DDP))])
+# g_objective=official backpropagates loss_g and loss_d through one forward of d and g; it once ran two
+# backward passes through DDP, which all-reduced only the first, and this test caught the ranks diverging.
+@pytest.mark.parametrize("objective", ["l1", "official"])
 def test_videomoco_two_processes(tmp_path, objective):
     # adversarial_start_step=1: the frame-dropping G trains from step 2 on, so its weights are compared too.
     run = launch(str(ROOT / "configs" / "videomoco" / "moving_digits.yaml"),
@@ -165,7 +161,8 @@ def test_videomoco_two_processes(tmp_path, objective):
 
 
 def test_contragan_two_processes(tmp_path):
-    run = launch(str(ROOT / "configs" / "contragan" / "shapes.yaml"), ["train.max_steps=2", "train.checkpoint_every=0", "gan.n_dis=2"],
+    run = launch(str(ROOT / "configs" / "contragan" / "shapes.yaml"),
+                 ["train.max_steps=2", "train.checkpoint_every=0", "gan.n_dis=2"],
                  out_dir=tmp_path, name="contragan", dump=True, timeout=300).check()
     dumps = read_dumps(run.dump_dir)
     assert sorted(dumps[0]) == [1, 2]
