@@ -49,7 +49,7 @@ from cmgen.config import ExperimentConfig
 from cmgen.engine.method import Method, StepContext
 
 from .backbones import build_backbone
-from .datasets import HMDB51, UCF101, collate, stratified_subset
+from .datasets import HMDB51, SkipReport, UCF101, collate, stratified_subset
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ClipTransform", "RepeatVideos", "ActionClassifier",
            "load_pretrained_encoder", "FinetuneDataConfig", "FinetuneModelConfig", "FinetuneProtocolConfig",
@@ -380,6 +380,7 @@ class FinetuneMethod(Method):
         self.train_set = RepeatVideos(self.videos, cfg.data.train_clips_per_video)
         self._test: UCF101 | None = None
         self.init_report: dict[str, list[str]] | None = None
+        self.skips: SkipReport | None = None
         p = cfg.protocol
         if p.epochs is not None:
             # eval.py counts epochs; the engine counts steps: one epoch = len(train_set) // batch steps
@@ -409,7 +410,10 @@ class FinetuneMethod(Method):
         return {"model": ActionClassifier(encoder, self.num_classes, m.bn_mode, m.head_init_std)}
 
     def build_dataset(self, cfg: FinetuneConfig) -> Dataset:
-        return self.train_set
+        from cmgen.engine.trainer import run_dir_of
+        self.skips = SkipReport(run_dir_of(cfg) / "logs" / "skipped", len(self.train_set) // cfg.train.batch_size,
+                                cfg.train.max_steps, cfg.train.log_every)
+        return self.skips.attach(self.train_set)
 
     def train_step(self, batch, step: int, ctx: StepContext) -> dict[str, torch.Tensor]:
         clips, labels = batch                                        # (B, 3, T, H, W), (B,)
@@ -417,7 +421,11 @@ class FinetuneMethod(Method):
         loss = F.cross_entropy(logits, labels)
         ctx.backward(loss)
         ctx.step("model")
-        return {"loss": loss, "train_top1": (logits.argmax(1) == labels).float().mean().detach() * 100}
+        out = {"loss": loss, "train_top1": (logits.argmax(1) == labels).float().mean().detach() * 100}
+        if self.skips is not None:                                    # all workers and ranks, see SkipReport
+            out["data/skipped"] = torch.tensor(float(self.skips.update(step, getattr(ctx, "is_main_process", True))),
+                                               device=loss.device)
+        return out
 
     def _test_set(self) -> UCF101:
         if self._test is None:
