@@ -15,6 +15,7 @@ __all__ = ["METHODS", "register_method", "resolve_method", "load_config"]
 METHODS: dict[str, str] = {
     "toy": "cmgen.engine.toy:ToyMethod",
     "contragan": "text2image.contragan:ContraGANMethod",
+    "xmcgan": "text2image.xmcgan:XMCGANMethod",
     "contrad": "text2image.contrad:ContraDMethod",
     "videomoco": "video.videomoco:VideoMoCoMethod",
     "supportset": "video.supportset:SupportSetMethod",
