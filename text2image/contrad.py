@@ -287,6 +287,7 @@ def supcon_fake(real1: torch.Tensor, real2: torch.Tensor, fakes: torch.Tensor, t
 class ContraDModelConfig:
     """ContraD model and loss settings (official names in brackets)."""
 
+    mode: Literal["contrad", "std"] = "contrad"   # --mode: "std" = the same G/D as a plain GAN (no heads' losses, no aug)
     arch: Literal["sndcgan", "snresnet18", "tiny"] = "sndcgan"
     image_size: int = 32
     z_dim: int = 128                     # nz
@@ -324,6 +325,8 @@ class ContraDMethod(GANMethod):
     def __init__(self, cfg: ContraDConfig):
         super().__init__(cfg)
         m = cfg.model
+        if m.mode not in ("contrad", "std"):
+            raise ValueError(f"model.mode must be 'contrad' or 'std', got {m.mode!r}")
         if m.loss not in ("nonsat", "hinge"):
             raise ValueError(f"model.loss must be 'nonsat' or 'hinge', got {m.loss!r}")
         from text2image.augment import build_augment
@@ -362,25 +365,31 @@ class ContraDMethod(GANMethod):
     def d_forward(self, d: nn.Module, s: GANStep):
         """One D forward over ``aug(cat[x, x, fake.detach()])``; out_real = both real views (2N rows)."""
         n = s.real.shape[0]
+        if self.cfg.model.mode == "std":      # training/gan/std.py: D(x), D(G(z)), no augmentation
+            out = d(torch.cat([s.real, s.fake.detach()]))
+            return ContraDOutput(*(t[:n] for t in out)), ContraDOutput(*(t[n:] for t in out))
         out = d(self.aug(torch.cat([s.real, s.real, s.fake.detach()])), sg_linear=True)
         return ContraDOutput(*(t[:2 * n] for t in out)), ContraDOutput(*(t[2 * n:] for t in out))
 
     def g_forward(self, d: nn.Module, s: GANStep):
-        """``D(aug(G(z)))`` through the whole D (D frozen)."""
-        return None, d(self.aug(s.fake))
+        """``D(aug(G(z)))`` through the whole D (D frozen); ``D(G(z))`` in std mode."""
+        return None, d(s.fake if self.cfg.model.mode == "std" else self.aug(s.fake))
+
+    def _adv(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+        if self.cfg.model.loss == "nonsat":
+            return F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
+        return F.relu(1.0 + d_fake).mean() + F.relu(1.0 - d_real).mean()
 
     def d_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         m, n = self.cfg.model, s.real.shape[0]
+        if m.mode == "std":
+            return {"d_adv": self._adv(s.out_real.logits, s.out_fake.logits)}
         p1 = F.normalize(s.out_real.proj1, dim=1)
         con = self.nt_xent(p1[:n], p1[n:])
         p2r, p2f = F.normalize(s.out_real.proj2, dim=1), F.normalize(s.out_fake.proj2, dim=1)
         dis = supcon_fake(p2r[:n], p2r[n:], p2f, m.temperature, m.gather_distributed)
-        d_real, d_fake = s.out_real.logits[:n], s.out_fake.logits
-        if m.loss == "nonsat":
-            adv = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
-        else:
-            adv = F.relu(1.0 + d_fake).mean() + F.relu(1.0 - d_real).mean()
-        return {"d_simclr": con, "d_supcon_fake": m.lambda_a * dis, "d_adv": adv}
+        return {"d_simclr": con, "d_supcon_fake": m.lambda_a * dis,
+                "d_adv": self._adv(s.out_real.logits[:n], s.out_fake.logits)}
 
     def g_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         d_fake = s.out_fake.logits
