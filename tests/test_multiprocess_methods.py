@@ -19,6 +19,7 @@ New methods: add a ``test_<method>_two_processes`` below with its tiny config (s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -100,7 +101,9 @@ def test_hung_rank_fails_the_others_after_the_collective_timeout(tmp_path):
     assert run.returncode != 0
     waited = run.ended - run.fault_time(1)
     assert timeout - 1 <= waited < timeout + 45, waited
-    assert "Timed out" in run.output, run.output[-2000:]
+    # gloo words the failure by the path that noticed it first ("Timed out", "Application timeout caused
+    # pair closure", ...); the bounded wait above is the property, the message only has to say timeout
+    assert re.search(r"(?i)timed out|timeout", run.output), run.output[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------
