@@ -14,6 +14,8 @@ ranks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import abc
 import csv
 import json
@@ -29,7 +31,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .io import VideoReadError, dense_clips, num_frames, random_clip_indices, read_frames, uniform_indices
 
-__all__ = ["UCF101", "HMDB51", "Kinetics400", "MSRVTT", "read_class_ind", "read_split_file",
+__all__ = ["MovingDigitsSpec", "UCF101", "HMDB51", "Kinetics400", "MSRVTT", "read_class_ind", "read_split_file",
            "read_hmdb51_splits", "read_kinetics_csv", "read_skip_log", "SkipReport", "stratified_subset", "collate"]
 
 
@@ -537,3 +539,25 @@ def collate(batch: list[tuple]) -> tuple:
         else:
             out.append(default_collate(list(field)))
     return tuple(out)
+
+
+@dataclass
+class MovingDigitsSpec:
+    """The writer settings of the embedded moving digits (``cmgen.data.write_moving_digits``). VideoMoCo's
+    and the fine-tune's data configs share them, so the same settings find the same folder under
+    :func:`cmgen.data.prepare_embedded_data`; with a ``data.root`` cmgen did not write they are unused."""
+
+    num_videos: int = 64
+    num_frames: int = 16
+    frame_size: int = 32
+    digit_size: int = 16
+    speed: int = 1
+    clips_per_group: int = 2
+    seed: int = 0
+
+    def writer_settings(self) -> dict:
+        """Keyword arguments of ``write_moving_digits`` (``frame_size`` is its ``size``)."""
+        return dict(num_videos=self.num_videos, num_frames=self.num_frames, size=self.frame_size,
+                    digit_size=self.digit_size, speed=self.speed, clips_per_group=self.clips_per_group,
+                    seed=self.seed)
+

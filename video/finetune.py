@@ -49,7 +49,7 @@ from cmgen.config import ExperimentConfig
 from cmgen.engine.method import Method, StepContext
 
 from .backbones import build_backbone
-from .datasets import HMDB51, SkipReport, UCF101, collate, stratified_subset
+from .datasets import HMDB51, MovingDigitsSpec, SkipReport, UCF101, collate, stratified_subset
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ClipTransform", "RepeatVideos", "ActionClassifier",
            "load_pretrained_encoder", "FinetuneDataConfig", "FinetuneModelConfig", "FinetuneProtocolConfig",
@@ -238,19 +238,6 @@ def load_pretrained_encoder(encoder: nn.Module, path: str | os.PathLike, model_n
 # config
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class MovingDigitsSpec:
-    """The embedded moving digits used when ``data.root`` is null (:func:`cmgen.data.prepare_embedded_data`;
-    the same settings as ``configs/videomoco/moving_digits.yaml``, so both use one folder)."""
-    num_videos: int = 64
-    num_frames: int = 16
-    frame_size: int = 32
-    digit_size: int = 16
-    speed: int = 1
-    clips_per_group: int = 2
-    seed: int = 0
-
-
-@dataclass
 class FinetuneDataConfig:
     dataset: Literal["ucf101", "hmdb51"] = "ucf101"
     root: Optional[str] = None                 # ucf101: holds UCF-101/ and ucfTrainTestlist/; null: embedded
@@ -311,9 +298,7 @@ def _data_root(d: FinetuneDataConfig) -> Path:
                          f"{d.dataset!r} needs a data.root")
     from cmgen.data import prepare_embedded_data
     md = d.moving_digits
-    base = prepare_embedded_data(None, "moving-digits", dict(
-        num_videos=md.num_videos, num_frames=md.num_frames, size=md.frame_size, digit_size=md.digit_size,
-        speed=md.speed, clips_per_group=md.clips_per_group, seed=md.seed), d.generate,
+    base = prepare_embedded_data(None, "moving-digits", md.writer_settings(), d.generate,
         required=("ucf101/UCF-101", "ucf101/ucfTrainTestlist/classInd.txt"))
     return base / "ucf101"
 

@@ -88,7 +88,7 @@ from cmgen.losses import InfoNCE, MoCoQueue, momentum_update
 
 from .backbones import build_backbone
 from .augment import VideoMoCoAugment
-from .datasets import Kinetics400, SkipReport, UCF101, stratified_subset
+from .datasets import Kinetics400, MovingDigitsSpec, SkipReport, UCF101, stratified_subset
 from .finetune import IMAGENET_MEAN, IMAGENET_STD, ClipTransform
 
 __all__ = ["FrameDropGenerator", "VideoMoCo", "ClipAugment", "TwoViewClips", "VideoMoCoModelConfig",
@@ -344,7 +344,7 @@ class VideoMoCoModelConfig:
 
 
 @dataclass
-class VideoMoCoDataConfig:
+class VideoMoCoDataConfig(MovingDigitsSpec):
     # None: cmgen's embedded moving-digits at its one location, data/moving-digits-<digest> (or under
     # $CMGEN_DATA), written on first use; a path: a UCF101 layout root (root/ucf101/UCF-101, ucfTrainTestlist)
     root: Optional[str] = None
@@ -367,14 +367,7 @@ class VideoMoCoDataConfig:
     brightness: float = 0.4                # tiny augment only
     eval_clips: int = 64                   # train/test videos (stratified by class) of evaluate's 1-NN, each split
     eval_root: Optional[str] = None        # kinetics400: a UCF101-layout root for the 1-NN monitor; None: none
-    # settings of the embedded data (cmgen.data.write_moving_digits); with a root cmgen did not write unused
-    num_videos: int = 64
-    num_frames: int = 16
-    frame_size: int = 32
-    digit_size: int = 16
-    speed: int = 1
-    clips_per_group: int = 2
-    seed: int = 0
+    # the embedded data's writer settings (num_videos, num_frames, frame_size, ...) come from MovingDigitsSpec
 
 
 @dataclass
@@ -459,10 +452,7 @@ class VideoMoCoMethod(Method):
             from cmgen.data import prepare_embedded_data
             d = self.cfg.data
             self._resolved_root = prepare_embedded_data(
-                d.root, "moving-digits", dict(num_videos=d.num_videos, num_frames=d.num_frames, size=d.frame_size,
-                                              digit_size=d.digit_size, speed=d.speed,
-                                              clips_per_group=d.clips_per_group, seed=d.seed),
-                d.generate, required=("ucf101/UCF-101", "ucf101/ucfTrainTestlist/classInd.txt",
+                d.root, "moving-digits", d.writer_settings(), d.generate, required=("ucf101/UCF-101", "ucf101/ucfTrainTestlist/classInd.txt",
                                       "ucf101/ucfTrainTestlist/trainlist01.txt",
                                       "ucf101/ucfTrainTestlist/testlist01.txt"))
         return self._resolved_root
