@@ -263,8 +263,8 @@ def _contragan_run(out: Path, report: list[str], summary: dict, budget_s: float)
 # ``report``. Where a subsystem has no such function, its plain training run (fallback) stands in.
 METHOD_STAGES = (
     ("VideoMoCo: pretraining and probes on moving digits", "video.finetune:demo_stage", 0.22, _videomoco_run),
-    ("Contrastive GAN discriminators on shapes", "text2image.contrad:demo_stage", 0.38, _contragan_run),
-    ("XMC-GAN text-to-image on shapes", "text2image.xmcgan:demo_stage", 0.22, None),
+    ("Contrastive GAN discriminators on shapes", "text2image.gan_demo:demo_stage", 0.38, _contragan_run),
+    ("XMC-GAN text-to-image on shapes", "text2image.xmcgan_demo:demo_stage", 0.22, None),
     ("Support-set video-text retrieval on moving digits", "video.supportset:demo_stage", 0.18, None),
 )
 
