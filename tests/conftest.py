@@ -1,7 +1,13 @@
-"""Shared fixtures: CUDA-only tests skip without a GPU; the reference toy runs of the multi-process tests.
+"""Shared fixtures: CUDA-only tests skip without a GPU; the embedded data outside the checkout; the
+reference toy runs of the multi-process tests.
 
 ``@pytest.mark.cuda`` (registered in setup.cfg) marks a test that needs CUDA; without a CUDA device it
 is skipped with that reason (``pytest -m cuda`` on a GPU machine runs exactly these: scripts/gpu_check.sh).
+
+Embedded data: for the whole session ``$CMGEN_DATA`` points at a temporary directory, so methods that
+write cmgen's embedded datasets on first use (and the ``torchrun`` children of the multi-process tests,
+which inherit the environment) never write ``./data`` into the checkout. A test about the default
+location itself (``data/`` under the current directory) requests :func:`default_data_location`.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+DATA_ENV = "CMGEN_DATA"  # cmgen.data.common.DATA_ENV (not imported here: conftest stays import-light)
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -19,6 +26,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_data_store(tmp_path_factory):
+    """``$CMGEN_DATA`` = one temporary directory for the session (autouse: before any other fixture)."""
+    saved = os.environ.get(DATA_ENV)
+    store = tmp_path_factory.mktemp("cmgen-data")
+    os.environ[DATA_ENV] = str(store)
+    try:
+        yield store
+    finally:
+        if saved is None:
+            os.environ.pop(DATA_ENV, None)
+        else:
+            os.environ[DATA_ENV] = saved
+
+
+@pytest.fixture
+def default_data_location(tmp_path, monkeypatch):
+    """Opt-out of the session store: ``$CMGEN_DATA`` unset and the current directory ``tmp_path``, so the
+    embedded data goes where a user's would, ``./data`` (returned: ``tmp_path / "data"``)."""
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "data"
 
 
 @pytest.fixture(scope="session")

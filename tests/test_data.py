@@ -428,6 +428,29 @@ def test_embedded_data_default_location_and_generate_modes(tmp_path, monkeypatch
         prepare_embedded_data(None, "shapes", SMALL_SHAPES, "sometimes", need)
 
 
+def test_embedded_data_default_is_data_under_the_current_directory(default_data_location):
+    """Without $CMGEN_DATA the embedded data goes to ./data (here a temporary cwd, not the checkout)."""
+    from cmgen.data import embedded_data_dir, prepare_embedded_data
+
+    expected = embedded_data_dir("shapes", SMALL_SHAPES)
+    assert expected.parent == Path("data") and expected.name.startswith("shapes-")
+    root = prepare_embedded_data(None, "shapes", SMALL_SHAPES, "auto", ("imagefolder/train",))
+    assert root.resolve() == (default_data_location / expected.name).resolve()
+    assert (default_data_location / expected.name / "dataset_info.json").is_file()
+
+
+def test_the_suite_keeps_embedded_data_out_of_the_checkout():
+    """tests/conftest.py points $CMGEN_DATA at a session temporary directory outside the repository."""
+    import os
+
+    from cmgen.data import embedded_data_dir
+
+    store = Path(os.environ["CMGEN_DATA"]).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    assert store.is_dir() and repo not in store.parents and store != repo
+    assert embedded_data_dir("shapes", SMALL_SHAPES).resolve().parent == store
+
+
 def test_embedded_data_user_root_is_never_replaced(tmp_path, monkeypatch, capsys):
     from cmgen.data import prepare_embedded_data
     from cmgen.errors import DataNotFoundError
