@@ -8,6 +8,11 @@ constructor arguments, ``diffusion_pytorch_model.safetensors``) plus ``cmgen_gen
 generator's ``module:Class`` (so :func:`cmgen.generate_cli.load_generator` knows what to import), its
 output range, conditioning, class names and where the weights came from (run, checkpoint, step,
 EMA or live). Anyone can also load it directly: ``Generator.from_pretrained(DIR)``.
+
+A text-to-image run with word features (XMC-GAN) exports its whole
+:class:`text2image.pipeline.XMCGANPipeline` instead (``save_pretrained``: ``model_index.json``,
+``generator/``, ``text_encoder/``, ``tokenizer/``; ``cmgen_generator.json`` then also names the
+pipeline class): ``XMCGANPipeline.from_pretrained(DIR)(["a red circle"], generator=g).images``.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import json
 import shutil
 from pathlib import Path
 
-from cmgen.generate_cli import EXPORT_META, load_generator
+from cmgen.generate_cli import EXPORT_META, load_generator, quiet_progress_bars
 
 __all__ = ["export_generator", "add_arguments", "run"]
 
@@ -32,16 +37,22 @@ def export_generator(source: str | Path, out: str | Path, *, which: str = "lates
             raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
     lg = load_generator(source, which=which, use_ema=use_ema, device="cpu")
-    if lg.source.get("kind") == "export":
+    if lg.source.get("kind") in ("export", "pipeline"):
         raise ValueError(f"{source} is already an exported generator folder")
     if not isinstance(lg.g, ModelMixin):
         raise ValueError(f"the generator of {source} ({type(lg.g).__module__}.{type(lg.g).__qualname__}) is not a "
                          f"diffusers ModelMixin, so it cannot be saved with save_pretrained")
-    lg.g.save_pretrained(str(out), safe_serialization=True)
     cls = type(lg.g)
     meta = {"format": 1, "class": f"{cls.__module__}:{cls.__qualname__}", "output_range": list(lg.output_range),
             "num_classes": lg.num_classes, "conditioning": lg.conditioning, "z_dim": lg.z_dim,
             "class_names": lg.class_names, "source": lg.source}
+    if lg.pipeline is not None:
+        with quiet_progress_bars():
+            lg.pipeline.save_pretrained(str(out), safe_serialization=True)
+        pcls = type(lg.pipeline)
+        meta["pipeline"] = f"{pcls.__module__}:{pcls.__qualname__}"
+    else:
+        lg.g.save_pretrained(str(out), safe_serialization=True)
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -58,6 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = export_generator(args.source, args.out, which=args.which, use_ema=not args.live, overwrite=args.overwrite)
     meta = json.loads((out / EXPORT_META).read_text())
-    print(f"exported {meta['class']} ({meta['source'].get('weights')} weights, step {meta['source'].get('step')}) "
-          f"to {out}")
+    what = meta.get("pipeline") or meta["class"]
+    print(f"exported {what} ({meta['source'].get('weights')} weights, step {meta['source'].get('step')}) to {out}")
     return 0

@@ -22,10 +22,19 @@ implement it): ``config.z_dim``, ``config.num_classes`` (0 = unconditional), ``c
 ``sample_latents(n, generator)`` and ``forward(z, cond)`` with ``cond`` = labels ``(B,)``, None, or, for
 a generator whose config has ``conditioning == "text"``, the prompts: ``encode_prompts(list[str])``
 when the generator defines it, else the list of strings itself.
+
+XMC-GAN (``text2image.xmcgan.XMCGenerator``, text-conditioned on word + sentence features) samples
+through :class:`text2image.pipeline.XMCGANPipeline`: from a run, the pipeline is built from the EMA
+generator and the run's own frozen text encoder (``text.*`` of its config); its export
+(``cmgen export``) is that pipeline's ``save_pretrained`` folder (``model_index.json``, ``generator/``,
+``text_encoder/``, ``tokenizer/``) plus ``cmgen_generator.json``, and a plain ``XMCGANPipeline`` folder
+loads too. The z of every image still comes from the one ``--seed`` generator, so a run and its export
+give the same images.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -37,7 +46,7 @@ import torch
 from torch import nn
 
 __all__ = ["EXPORT_META", "LoadedGenerator", "load_generator", "resolve_checkpoint", "sample_images",
-           "add_arguments", "run"]
+           "quiet_progress_bars", "add_arguments", "run"]
 
 EXPORT_META = "cmgen_generator.json"
 
@@ -55,6 +64,7 @@ class LoadedGenerator:
     class_names: list[str] | None = None
     method: Any = None
     cfg: Any = None
+    pipeline: Any = None                   # an XMCGANPipeline for text-to-image GANs with word features
 
     @property
     def device(self) -> torch.device:
@@ -106,18 +116,72 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     return ckpt
 
 
+def _import(spec: str, where: Path):
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{where} names class {spec!r}, which cannot be imported: {e}") from e
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """No diffusers / transformers progress bars while loading or saving a pipeline (the CLI prints its own
+    line); warnings, e.g. transformers' report of missing weights, still show."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d_on, t_on = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if d_on:
+            dlog.enable_progress_bar()
+        if t_on:
+            tlog.enable_progress_bar()
+
+
+def _pipeline_generator(pipe, source: dict[str, Any]) -> LoadedGenerator:
+    g = pipe.generator.eval()
+    return LoadedGenerator(g, (0.0, 1.0), 0, "text", int(g.config.z_dim), source, pipeline=pipe)
+
+
 def _load_exported(folder: Path, device: torch.device) -> LoadedGenerator:
     meta = json.loads((folder / EXPORT_META).read_text())
-    module, _, attr = meta["class"].partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{folder / EXPORT_META} names generator class {meta['class']!r}, which cannot be "
-                         f"imported: {e}") from e
-    g = cls.from_pretrained(str(folder)).to(device).eval()
+    source = {**meta.get("source", {}), "kind": "export", "path": str(folder)}
+    if meta.get("pipeline"):
+        with quiet_progress_bars():
+            pipe = _import(meta["pipeline"], folder / EXPORT_META).from_pretrained(str(folder)).to(device)
+        return _pipeline_generator(pipe, source)
+    g = _import(meta["class"], folder / EXPORT_META).from_pretrained(str(folder)).to(device).eval()
     return LoadedGenerator(g, tuple(meta["output_range"]), int(meta["num_classes"]), meta["conditioning"],
-                           int(meta["z_dim"]), {**meta.get("source", {}), "kind": "export", "path": str(folder)},
-                           meta.get("class_names"))
+                           int(meta["z_dim"]), source, meta.get("class_names"))
+
+
+def _load_pipeline_folder(folder: Path, device: torch.device) -> LoadedGenerator:
+    """A diffusers ``save_pretrained`` folder of an :class:`~text2image.pipeline.XMCGANPipeline`."""
+    from text2image.pipeline import XMCGANPipeline
+
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    if name != XMCGANPipeline.__name__:
+        raise ValueError(f"{folder} holds a diffusers {name} pipeline; cmgen generate samples XMCGANPipeline folders "
+                         f"and cmgen export folders")
+    with quiet_progress_bars():
+        pipe = XMCGANPipeline.from_pretrained(str(folder)).to(device)
+    return _pipeline_generator(pipe, {"kind": "pipeline", "path": str(folder)})
+
+
+def _text_pipeline(method: Any, g: nn.Module):
+    """The XMCGANPipeline of a run's generator and the frozen text encoder the method trained it with."""
+    from text2image.pipeline import XMCGANPipeline
+    from text2image.xmcgan import XMCGenerator
+
+    text = getattr(method, "text", None)
+    if not isinstance(g, XMCGenerator) or text is None:
+        return None
+    return XMCGANPipeline.from_text_encoder(g, text)
 
 
 def _load_from_checkpoint(ckpt: Path, device: torch.device, use_ema: bool) -> LoadedGenerator:
@@ -146,7 +210,10 @@ def _load_from_checkpoint(ckpt: Path, device: torch.device, use_ema: bool) -> Lo
             class_names = None
     source = {"kind": "checkpoint", "checkpoint": str(ckpt.resolve()), "step": int(state["step"]),
               "method": cfg.method, "weights": "ema" if ema else "live"}
-    return LoadedGenerator(g, output_range, num_classes, conditioning, z_dim, source, class_names, method, cfg)
+    pipe = _text_pipeline(method, g) if conditioning == "text" else None
+    if pipe is not None:
+        pipe.to(device)
+    return LoadedGenerator(g, output_range, num_classes, conditioning, z_dim, source, class_names, method, cfg, pipe)
 
 
 def load_generator(path: str | Path, *, which: str = "latest", use_ema: bool = True,
@@ -158,6 +225,8 @@ def load_generator(path: str | Path, *, which: str = "latest", use_ema: bool = T
     device = torch.device(device)
     if (path / EXPORT_META).is_file():
         return _load_exported(path, device)
+    if (path / "model_index.json").is_file():
+        return _load_pipeline_folder(path, device)
     return _load_from_checkpoint(resolve_checkpoint(path, which), device, use_ema)
 
 
@@ -199,7 +268,10 @@ def sample_images(lg: LoadedGenerator, n: int, *, seed: int = 0, class_id: int |
             out = lg.g(zb, cb)
         elif isinstance(cond, list):
             cb = cond[lo:lo + batch_size]
-            out = lg.g(zb, lg.g.encode_prompts(cb) if hasattr(lg.g, "encode_prompts") else cb)
+            if lg.pipeline is not None:
+                out = lg.pipeline(cb, latents=zb, output_type="pt").images
+            else:
+                out = lg.g(zb, lg.g.encode_prompts(cb) if hasattr(lg.g, "encode_prompts") else cb)
         else:
             cb = None
             out = lg.g(zb, None)

@@ -111,3 +111,87 @@ def test_text_conditioned_protocol_passes_prompts():
     assert out.shape == (3, 3, 4, 4)
     with pytest.raises(ValueError, match="text-conditioned: pass --prompt"):
         _images(lg, 2, 0)
+
+
+# ------------------------------------------------------------------------------------------- XMC-GAN
+
+XMC_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xmcgan" / "shapes.yaml"
+XMC_PROMPTS = ["a small red circle in the top left", "a large blue square in the center"]
+
+
+@pytest.fixture(scope="session")
+def tiny_xmcgan_run(tmp_path_factory):
+    """2 steps of the XMC-GAN shapes config with a tiny random text encoder and tiny widths."""
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("xmcgan")
+    cfg = load_config(XMC_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2", "train.sample_every=0",
+                                   "train.checkpoint_every=2", "train.log_every=1", "train.progress_bar=false",
+                                   "train.trackers=[]", "data.num_images=48", "train.batch_size=8",
+                                   "gan.samples_per_class=2", "text.random_init=true", "text.cache=null",
+                                   "model.gf_dim=4", "model.df_dim=4", "model.z_dim=8"])
+    return train(cfg).run_dir
+
+
+def test_xmcgan_run_generates_through_the_pipeline(tiny_xmcgan_run):
+    from text2image.pipeline import XMCGANPipeline
+
+    lg = load_generator(tiny_xmcgan_run)
+    assert lg.conditioning == "text" and isinstance(lg.pipeline, XMCGANPipeline) and lg.source["weights"] == "ema"
+    assert lg.pipeline.config.pooling == "official_sum" and lg.pipeline.config.max_tokens == 32
+    a = _images(lg, 5, 0, prompts=XMC_PROMPTS, batch_size=2)
+    torch.testing.assert_close(_images(lg, 5, 0, prompts=XMC_PROMPTS, batch_size=5), a, rtol=1e-5, atol=1e-6)
+    assert a.shape == (5, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    # = the pipeline fed the CLI's z (all n drawn first from the seed) and the cycled prompts
+    z = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    cycled = [XMC_PROMPTS[i % 2] for i in range(5)]
+    torch.testing.assert_close(lg.pipeline(cycled, latents=z, output_type="pt").images, a, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(_images(lg, 5, 1, prompts=XMC_PROMPTS), a)
+    with pytest.raises(ValueError, match="text-conditioned: pass --prompt"):
+        _images(lg, 2, 0)
+
+
+def test_xmcgan_export_is_the_pipeline_folder(tiny_xmcgan_run, tmp_path, capsys):
+    from text2image.pipeline import XMCGANPipeline
+
+    exported = tmp_path / "exported"
+    assert main(["export", str(tiny_xmcgan_run), "--out", str(exported)]) == 0
+    meta = json.loads((exported / EXPORT_META).read_text())
+    assert meta["pipeline"] == "text2image.pipeline:XMCGANPipeline" and meta["class"] == "text2image.xmcgan:XMCGenerator"
+    assert json.loads((exported / "model_index.json").read_text())["_class_name"] == "XMCGANPipeline"
+    for sub in ("generator", "text_encoder", "tokenizer"):
+        assert (exported / sub).is_dir(), sub
+    with pytest.raises(ValueError, match="already an exported generator folder"):
+        export_cli.export_generator(exported, tmp_path / "again")
+
+    from_run = _images(load_generator(tiny_xmcgan_run), 4, 7, prompts=XMC_PROMPTS)
+    from_export = _images(load_generator(exported), 4, 7, prompts=XMC_PROMPTS)
+    torch.testing.assert_close(from_export, from_run, rtol=1e-5, atol=1e-6)
+    # the folder is a plain diffusers pipeline too (without cmgen's metadata file)
+    pipe = XMCGANPipeline.from_pretrained(str(exported))
+    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(pipe([XMC_PROMPTS[i % 2] for i in range(4)], latents=z, output_type="pt").images,
+                               from_run, rtol=1e-5, atol=1e-6)
+    plain = tmp_path / "plain"
+    pipe.save_pretrained(str(plain))
+    torch.testing.assert_close(_images(load_generator(plain), 4, 7, prompts=XMC_PROMPTS), from_run,
+                               rtol=1e-5, atol=1e-6)
+
+    g1, g2 = tmp_path / "export.png", tmp_path / "run.png"
+    argv = ["--prompt", XMC_PROMPTS[0], "--prompt", XMC_PROMPTS[1], "--n", "8", "--seed", "0", "--device", "cpu"]
+    assert main(["generate", str(exported), *argv, "--out", str(g1)]) == 0
+    assert main(["generate", str(tiny_xmcgan_run), *argv, "--out", str(g2)]) == 0
+    a, b = np.asarray(Image.open(g1)), np.asarray(Image.open(g2))
+    assert a.shape == (2 + 3 * 34, 2 + 3 * 34, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    capsys.readouterr()
+    assert main(["generate", str(exported), "--n", "2", "--out", str(g1)]) == 2
+    # the error is one line (transformers may warn above it that the random test encoder has no pooler)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("cmgen: error: ") and "pass --prompt" in err
+
+
+def test_prompt_for_a_class_conditional_run_is_a_one_line_error(tiny_gan_run, tmp_path, capsys):
+    assert main(["generate", str(tiny_gan_run), "--prompt", "a red circle", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cmgen: error: ") and "not text-conditioned" in err and "\n" not in err
