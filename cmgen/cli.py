@@ -7,7 +7,9 @@ training stack. The same entry point serves ``cmgen ...``, ``python -m cmgen ...
 
 Errors in what the user gave (a config, an override, a data path, an input file, a checkpoint) end in
 one line, ``cmgen: error: <message>``, and exit status 2; ``--debug`` (anywhere on the command line)
-shows the traceback instead. A module may name the destination of its ``key=value`` positionals in
+shows the traceback instead. A failed collective of a multi-process run (a peer rank hung past
+``train.collective_timeout_s`` or died, :class:`cmgen.errors.CollectiveError`) is one line too, on each
+rank that saw it, with exit status 1. A module may name the destination of its ``key=value`` positionals in
 ``EXTRA_POSITIONALS``; then such items are accepted after options too (``cmgen train C --output-dir D
 a=1``).
 """
@@ -30,6 +32,7 @@ SUBCOMMANDS = {
     "demo": ("cmgen.demo", "build the embedded data, train each subsystem briefly, write runs/demo/report.md"),
 }
 EXIT_USER_ERROR = 2
+EXIT_COLLECTIVE_ERROR = 1
 # What counts as a problem with the user's input rather than a bug: cmgen.errors.UserError (ConfigError,
 # DataError, CheckpointError, ...), file-system errors on the paths given, and the ValueErrors (including
 # json.JSONDecodeError) and parse errors that loaders raise for malformed files.
@@ -71,13 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = debug
     if debug:
         return int(importlib.import_module(args._module).run(args) or 0)
-    from cmgen.errors import UserError
+    from cmgen.errors import CollectiveError, UserError
 
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
         print("cmgen: interrupted", file=sys.stderr)
         return 130
+    except CollectiveError as err:          # the message names this rank; the peers print their own
+        print(f"cmgen: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_COLLECTIVE_ERROR
     except (UserError, *_INPUT_ERRORS) as err:
         if isinstance(err, UserError) and _rank() != 0:
             return EXIT_USER_ERROR          # the same message on every rank: rank 0 prints it

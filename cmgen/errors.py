@@ -6,7 +6,7 @@ callers can still catch the builtin it derives from (``ValueError``, ``FileNotFo
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "DataError", "DataNotFoundError", "CheckpointError"]
+__all__ = ["UserError", "DataError", "DataNotFoundError", "CheckpointError", "CollectiveError"]
 
 
 class UserError(Exception):
@@ -25,3 +25,9 @@ class DataNotFoundError(UserError, FileNotFoundError):
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed or loaded: another method, an incompatible config, a file that
     is not a cmgen checkpoint, or a write that failed."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective operation of a multi-process run failed on this rank: another rank hung past
+    ``train.collective_timeout_s`` or died. Not the user's input, but reported the same way, as one line
+    (on every rank that hit it: each says what it saw); the gloo/NCCL error is its ``__cause__``."""

@@ -15,7 +15,9 @@ method's extra state and the loss terms, and injected faults (``kill``/``hang`` 
 
 A new method gets its multi-process test by calling these with its config (see
 tests/test_multiprocess_methods.py). ``start`` returns the running ``Popen`` for tests that launch
-several process groups at once (tests/test_multinode.py).
+several process groups at once (tests/test_multinode.py). ``launch_ranks`` starts every rank as its own
+``python -m cmgen train`` with RANK/WORLD_SIZE/MASTER_ADDR set, as ``srun`` does: no agent stops the
+other ranks when one fails, so a test sees whether each rank ends by itself.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import torch
 from cmgen.engine.probe import DUMP_ENV, FAULT_ENV
 
 __all__ = ["ROOT", "QUIET", "TOY_CONFIG", "TOY_DIST", "BN_STATS", "free_port", "torchrun", "start", "wait", "launch",
-           "Run", "read_dumps", "assert_ranks_agree", "assert_finite_losses", "assert_states_close", "state_diff"]
+           "Run", "launch_ranks", "read_dumps", "assert_ranks_agree", "assert_finite_losses", "assert_states_close", "state_diff"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -155,6 +157,45 @@ def launch(config: str, overrides: list[str], *, out_dir: Path, name: str, nproc
     ended = time.time()
     return Run(cmd, code, Path(proc.log_path).read_text(), time.perf_counter() - t0, Path(out_dir) / name, dump_dir,
                ended)
+
+
+def launch_ranks(config: str, overrides: list[str], *, out_dir: Path, name: str, nproc: int = 2,
+                 dump: bool = False, fault: str | None = None, env: dict | None = None,
+                 timeout: float = 180) -> list[Run]:
+    """Every rank a separate ``python -m cmgen train`` (env:// rendezvous at 127.0.0.1, rank 0 hosts the
+    store), no launcher agent; one :class:`Run` per rank (``output``: that rank's own output). Past
+    ``timeout`` seconds every rank still running is killed and the test fails: no rank may rely on an
+    agent to be stopped."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_dir = out_dir / f"{name}-dump" if dump else None
+    cmd = [sys.executable, "-m", "cmgen", "train", config, f"run.output_dir={out_dir}", f"run.name={name}", *QUIET,
+           *overrides]
+    port, t0 = free_port(), time.perf_counter()
+    procs = []
+    for rank in range(nproc):
+        ranks = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        log = out_dir / f"{name}-rank{rank}.log"
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env={**_env(dump_dir, fault, env), **ranks}, stdout=f,
+                                           stderr=subprocess.STDOUT, start_new_session=True), log))
+    runs, deadline = [], time.perf_counter() + timeout
+    try:
+        for proc, log in procs:
+            code = proc.wait(timeout=max(deadline - time.perf_counter(), 0.1))
+            runs.append(Run(cmd, code, log.read_text(), time.perf_counter() - t0, out_dir / name, dump_dir,
+                            time.time()))
+    except subprocess.TimeoutExpired:
+        outputs = {log.name: log.read_text()[-2000:] for _, log in procs}
+        raise AssertionError(f"a rank was still running after {timeout} s; outputs: {outputs}")
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                with _suppress():
+                    os.killpg(proc.pid, signal.SIGKILL)   # the session started for this rank only
+                proc.wait()
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -168,3 +168,68 @@ def test_unexpected_value_errors_are_one_line_with_a_debug_hint(monkeypatch, cap
     monkeypatch.setattr(train_cli, "run", broken)
     assert main(["train", TOY]) == 2
     assert one_error_line(capsys) == "cmgen: error: something spread over lines (cmgen --debug ... shows the traceback)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# a failed collective of a multi-process run (the 2-process runs: tests/test_multiprocess_methods.py)
+# ---------------------------------------------------------------------------------------------------
+GLOO_TIMEOUTS = ["[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out "
+                 "waiting 5000ms for send operation to complete",
+                 "Application timeout caused pair closure",
+                 "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4212",
+                 "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE)"]
+
+
+@pytest.mark.parametrize("words", GLOO_TIMEOUTS)
+def test_collective_failures_are_recognised_in_the_backends_words(words):
+    from cmgen.engine.collective import collective_message, is_collective_failure
+
+    assert is_collective_failure(RuntimeError(words))
+    line = collective_message(RuntimeError(words), 5.0, 1, 4, 7, [2, 3])
+    assert line.startswith("[rank 1 of 4] after 7 completed step(s): ") and "train.collective_timeout_s=5 s" in line
+    assert "rank(s) 2, 3 had not started this step" in line and ".cc:" not in line
+    assert ("dropped its connection" in line) == ("closed by peer" in words), line
+
+
+def test_a_bug_is_not_taken_for_a_collective_failure():
+    from cmgen.engine.collective import is_collective_failure
+
+    assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 4x8)"))
+    assert not is_collective_failure(ValueError("timed out"))
+
+
+def test_step_beacon_names_the_ranks_behind():
+    import torch.distributed as dist
+
+    from cmgen.engine.collective import StepBeacon
+
+    store = dist.HashStore()
+    beacons = [StepBeacon(r, 3) for r in range(3)]
+    for b in beacons:
+        b.store = store
+    assert beacons[0].behind() == []            # no step started yet: nothing to say
+    for b, step in zip(beacons, (4, 3, 4)):
+        b.started(step)
+    assert beacons[0].behind() == [1] and beacons[2].behind() == [1] and beacons[1].behind() == []
+    assert StepBeacon(0, 1).behind() == []       # one process: no store, no claim
+
+
+def test_collective_error_is_one_line_on_every_rank_and_debug_keeps_the_cause(monkeypatch, capsys):
+    from cmgen.engine import trainer
+    from cmgen.errors import CollectiveError
+
+    def hung_peer(cfg):
+        try:
+            raise RuntimeError("Timed out waiting 5000ms for send operation to complete")
+        except RuntimeError as err:
+            raise CollectiveError("[rank 1 of 2] after 2 completed step(s): ... train.collective_timeout_s") from err
+
+    monkeypatch.setattr(trainer, "train", hung_peer)
+    monkeypatch.setenv("RANK", "1")               # printed on the rank that saw it, not only on rank 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", TOY, *QUIET]) == 1
+    assert one_error_line(capsys) == "cmgen: error: [rank 1 of 2] after 2 completed step(s): ... " \
+                                     "train.collective_timeout_s"
+    with pytest.raises(CollectiveError) as err:
+        main(["--debug", "train", TOY, *QUIET])
+    assert isinstance(err.value.__cause__, RuntimeError) and "Timed out" in str(err.value.__cause__)

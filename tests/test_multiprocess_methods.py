@@ -27,7 +27,7 @@ import pytest
 from cmgen.engine import load_config, train
 from cmgen.engine.checkpoint import list_checkpoints, read_engine_state
 from tests.multiproc import (BN_STATS, QUIET, ROOT, TOY_CONFIG, TOY_DIST, assert_finite_losses, assert_ranks_agree,
-                             assert_states_close, launch, read_dumps, state_diff)
+                             assert_states_close, launch, launch_ranks, read_dumps, state_diff)
 from tests.test_engine import assert_same, checkpoint_contents
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -86,6 +86,8 @@ def test_kill_9_one_rank_stops_the_run_and_resume_latest_is_bitwise(toy_two_proc
     assert killed.ended - killed.fault_time(1) < 60, killed.ended - killed.fault_time(1)
     assert [s for s, _ in list_checkpoints(killed.checkpoints)] == [2]
     assert max(read_dumps(killed.dump_dir)[0]) <= 3  # rank 0 cannot finish step 4 without rank 1
+    # the survivor says at most one line ("dropped its connection"), never a traceback through cmgen
+    assert not re.search(r'File ".*/cmgen/', killed.output), killed.output[-3000:]
 
     resumed = launch(TOY_CONFIG, TOY_DIST + ["resume=latest"], out_dir=tmp_path, name="run").check()
     ref, got = toy_two_process_run.checkpoints / "step_000006", resumed.checkpoints / "step_000006"
@@ -101,9 +103,36 @@ def test_hung_rank_fails_the_others_after_the_collective_timeout(tmp_path):
     assert run.returncode != 0
     waited = run.ended - run.fault_time(1)
     assert timeout - 1 <= waited < timeout + 45, waited
-    # gloo words the failure by the path that noticed it first ("Timed out", "Application timeout caused
-    # pair closure", ...); the bounded wait above is the property, the message only has to say timeout
-    assert re.search(r"(?i)timed out|timeout", run.output), run.output[-2000:]
+    # One line from rank 0, whatever gloo's words were ("Timed out waiting ...", "Application timeout
+    # caused pair closure", ...): the rank, the setting, the rank that fell behind; no worker traceback
+    # (torchrun's own ChildFailedError report follows, it is the launcher's).
+    errors = [line for line in run.output.splitlines() if line.startswith("cmgen: error:")]
+    assert len(errors) == 1, run.output[-3000:]
+    assert errors[0].startswith("cmgen: error: [rank 0 of 2] after 2 completed step(s): ") and \
+        f"train.collective_timeout_s={timeout} s" in errors[0] and "rank(s) 1 had not started this step" in errors[0], \
+        errors[0]
+    assert re.search(r"(?i)timed out|timeout", errors[0])
+    assert not re.search(r"\[rank\d\]:|File \".*/cmgen/", run.output), run.output[-3000:]
+
+
+def test_failed_checkpoint_write_on_rank_0_stops_every_rank_with_the_error(tmp_path):
+    # Each rank its own process (as srun starts them): no agent stops rank 1 when rank 0 fails, and the
+    # collective timeout is longer than the harness allows, so rank 1 must learn of the failure itself.
+    ranks = launch_ranks(TOY_CONFIG, TOY_DIST + ["train.collective_timeout_s=900"], out_dir=tmp_path, name="full",
+                         dump=True, fault="ckpt:0:4", timeout=240)
+    outputs = "\n".join(f"--- rank {r}:\n{run.output[-2000:]}" for r, run in enumerate(ranks))
+    assert [run.returncode for run in ranks] == [2, 2], outputs
+    ranks[0].fault_time(0)    # the fault fired, on rank 0
+    root = ranks[0].checkpoints
+    errors = [line for line in ranks[0].output.splitlines() if line.startswith("cmgen: error:")]
+    assert len(errors) == 1, outputs
+    assert f"could not write the step-4 checkpoint to {root / '.tmp-step4'}: rank 0: " in errors[0], errors[0]
+    assert "No space left on device" in errors[0] and "rank 1:" not in errors[0], errors[0]
+    assert f"the previous checkpoint {root / 'step_000002'} is intact" in errors[0], errors[0]
+    assert "Traceback" not in outputs and "cmgen: error" not in ranks[1].output, outputs  # rank 0 speaks for all
+    assert [s for s, _ in list_checkpoints(root)] == [2] and not list(root.glob(".tmp-*"))
+    assert read_engine_state(root / "step_000002")["step"] == 2
+    assert max(read_dumps(ranks[1].dump_dir)[1]) == 3    # rank 1 stopped at the same checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -127,49 +128,77 @@ def load_ema_state(ckpt: str | Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(accelerator, root: str | Path, step: int, engine_state: dict, config_yaml: str,
-                    keep_last: int | None) -> Path:
+                    keep_last: int | None, fault: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint of ``accelerator``'s registered state atomically; call on EVERY process.
 
-    A failed write (disk full, read-only directory) removes the temporary copy, leaves every complete
-    checkpoint as it was (pruning runs only after success) and raises :class:`CheckpointError` naming
-    the directory, the reason and the checkpoint a resume would use.
+    A failed write (disk full, read-only directory) on any process removes the temporary copy, leaves
+    every complete checkpoint as it was (pruning runs only after success) and raises
+    :class:`CheckpointError` on EVERY process, naming the directory, each failing rank's reason and the
+    checkpoint a resume would use. The processes agree after each phase (one small all-gather,
+    :func:`cmgen.engine.collective.agree`), so a rank whose write failed never leaves the others waiting
+    in the next collective until ``train.collective_timeout_s``.
+
+    ``fault``: tests only (``CMGEN_TEST_FAULT=ckpt:rank:step``, :mod:`cmgen.engine.probe`): called with
+    the temporary directory on every process after its files are written; it raises to simulate a full disk.
     """
+    from cmgen.engine.collective import agree
+
     root = Path(root)
     tmp, final = root / f".tmp-step{step}", root / checkpoint_dir_name(step)
     previous = latest_checkpoint(root)
-    try:
-        if accelerator.is_main_process:
+    world, main = accelerator.num_processes, accelerator.is_main_process
+
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+
+    def phase(work: Callable[[], None], what: str, where: Path = tmp, kept: str = kept) -> None:
+        reason, cause = None, None
+        try:
+            work()
+        except (OSError, RuntimeError) as e:
+            # Disk full, read-only or vanished directory (torch.save reports ENOSPC as a RuntimeError).
+            reason, cause = " ".join(str(e).split()) or type(e).__name__, e
+        failed = [(r, why) for r, why in enumerate(agree(reason, world)) if why is not None]
+        if not failed:
+            return
+        if main:      # the half-written copy goes, every finished checkpoint stays as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = "; ".join(f"rank {r}: {w}" if world > 1 else w for r, w in failed)
+        raise CheckpointError(f"could not {what} the step-{step} checkpoint to {where}: {why}; {kept}") from cause
+
+    def make_tmp() -> None:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
+
+    def write_state() -> None:
         # Every process writes its own random_states_<rank>.pkl; the main process writes the rest.
         accelerator.save_state(str(tmp), safe_serialization=False)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / "config.yaml").write_text(config_yaml)
-            with open(tmp / STATE_FILE, "w") as f:
-                json.dump(engine_state, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            old = root / f".old-step{step}"        # a checkpoint of this step already there (a rerun)
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if old.exists():
-                    os.replace(old, final)
-                raise
+        if fault is not None:
+            fault(tmp)
+
+    def finish() -> None:
+        if not main:
+            return
+        (tmp / "config.yaml").write_text(config_yaml)
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(engine_state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        old = root / f".old-step{step}"        # a checkpoint of this step already there (a rerun)
+        if final.exists():
             shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError) as e:
-        # Disk full, read-only or vanished directory (torch.save reports ENOSPC as a RuntimeError): the
-        # half-written copy goes, every finished checkpoint stays as it was.
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = " ".join(str(e).split()) or type(e).__name__
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write the step-{step} checkpoint to {tmp}: {reason}; {kept}") from e
-    if accelerator.is_main_process:
-        prune_checkpoints(root, keep_last)
-    accelerator.wait_for_everyone()
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old.exists():
+                os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+    phase(make_tmp, "create")
+    phase(write_state, "write")
+    phase(finish, "write")
+    phase(lambda: prune_checkpoints(root, keep_last) if main else None,
+          "prune older checkpoints (train.keep_last) after writing", final, f"{final} is complete")
     return final

@@ -19,15 +19,19 @@ them in the environment of ``torchrun`` (inherited by every rank) or with ``monk
     due) on global rank ``rank``, the probe writes the time to ``D/rank{r}/fault`` (or
     ``./fault-rank{r}`` without a dump directory), then ``kill`` sends SIGKILL to this process
     (``kill -9``) and ``hang`` sleeps, so this rank stops answering collectives while its process
-    stays alive (the other ranks must then run into ``train.collective_timeout_s``).
+    stays alive (the other ranks must then run into ``train.collective_timeout_s``). ``ckpt`` makes
+    the checkpoint written after step ``step`` fail on rank ``rank`` as a full disk would: once the
+    rank's files are in the temporary directory, an ``OSError`` (ENOSPC) is raised (marker written
+    first, as above); every rank must then stop with the checkpoint error, none waits for the timeout.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -36,7 +40,7 @@ __all__ = ["DUMP_ENV", "FAULT_ENV", "StepProbe"]
 
 DUMP_ENV = "CMGEN_TEST_DUMP_DIR"
 FAULT_ENV = "CMGEN_TEST_FAULT"
-_KINDS = ("kill", "hang")
+_KINDS = ("kill", "hang", "ckpt")
 
 
 def _cpu(state: Any) -> Any:
@@ -62,6 +66,26 @@ class StepProbe:
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
 
+    def _due(self, kind: str, step: int) -> bool:
+        return self.fault is not None and self.fault == (kind, self.rank, step)
+
+    def _mark(self) -> None:
+        marker = (self.dump_dir / "fault") if self.dump_dir is not None else Path(f"fault-rank{self.rank}")
+        marker.write_text(f"{time.time()}\n")
+
+    def checkpoint_fault(self, step: int) -> Callable[[Path], None] | None:
+        """The ``fault`` hook of :func:`cmgen.engine.checkpoint.save_checkpoint` for the checkpoint of
+        ``step`` on this rank (None when no ``ckpt`` fault is due)."""
+        if not self._due("ckpt", step):
+            return None
+
+        def disk_full(tmp: Path) -> None:
+            self._mark()
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: {FAULT_ENV})",
+                          str(tmp / f"random_states_{self.rank}.pkl"))
+
+        return disk_full
+
     @classmethod
     def from_env(cls, rank: int, world_size: int) -> "StepProbe | None":
         dump, fault = os.environ.get(DUMP_ENV) or None, os.environ.get(FAULT_ENV) or None
@@ -80,9 +104,8 @@ class StepProbe:
             tmp = self.dump_dir / f".step_{step:06d}.pt"
             torch.save(record, tmp)
             os.replace(tmp, self.dump_dir / f"step_{step:06d}.pt")
-        if self.fault is not None and self.fault[1] == self.rank and self.fault[2] == step:
-            marker = (self.dump_dir / "fault") if self.dump_dir is not None else Path(f"fault-rank{self.rank}")
-            marker.write_text(f"{time.time()}\n")
+        if self._due("kill", step) or self._due("hang", step):
+            self._mark()
             if self.fault[0] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             while True:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from cmgen.config import ConfigError, ExperimentConfig, load_yaml, to_yaml, validate
 from cmgen.distributed import all_reduce_mean
 from cmgen.engine.best import BestTracker
+from cmgen.engine.collective import StepBeacon, collective_message, is_collective_failure, is_timeout
 from cmgen.engine.checkpoint import (clean_temporary, latest_checkpoint, list_checkpoints, read_engine_state,
                                      save_checkpoint, STATE_FILE)
 from cmgen.engine.data import ResumableLoader, mix_seed
@@ -44,7 +45,7 @@ from cmgen.engine.method import Method, StepContext
 from cmgen.engine.probe import StepProbe
 from cmgen.engine.registry import resolve_method
 from cmgen.engine.resume import HyperSnapshot, classify_changes, describe
-from cmgen.errors import CheckpointError
+from cmgen.errors import CheckpointError, CollectiveError
 from cmgen.engine.schedules import build_scheduler
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train", "run_dir_of", "preserve_rng"]
@@ -109,8 +110,17 @@ def train(cfg: ExperimentConfig, method_cls: type[Method] | None = None) -> Trai
                          InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
         step_scheduler_with_optimizer=False,
     )
+    trainer = None
     try:
-        return _Trainer(cfg, method_cls, accelerator, run_dir).fit()
+        trainer = _Trainer(cfg, method_cls, accelerator, run_dir)
+        return trainer.fit()
+    except RuntimeError as err:
+        if accelerator.num_processes > 1 and is_collective_failure(err):
+            step, beacon = getattr(trainer, "step", None), getattr(trainer, "beacon", None)
+            behind = beacon.behind() if beacon is not None and is_timeout(err) else []
+            raise CollectiveError(collective_message(err, cfg.train.collective_timeout_s, accelerator.process_index,
+                                                     accelerator.num_processes, step, behind)) from err
+        raise
     finally:
         for tracker in accelerator.trackers:
             tracker.finish()
@@ -250,6 +260,7 @@ class _Trainer:
             set_seed(cfg.run.seed, device_specific=True)
         self.resumed_from = resume_from
         self.probe = StepProbe.from_env(acc.process_index, acc.num_processes)
+        self.beacon = StepBeacon(acc.process_index, acc.num_processes)
 
         self.config_yaml = to_yaml(cfg)
         if acc.is_main_process:
@@ -376,8 +387,9 @@ class _Trainer:
                  "optimizers": list(self.optimizers), "custom": self.custom_names,
                  "world_size": self.acc.num_processes, "method": self.cfg.method, "time": time.time(),
                  "amp_skipped": dict(self.ctx.amp_skipped)}
+        fault = self.probe.checkpoint_fault(step) if self.probe is not None else None  # tests only
         self.last_checkpoint = save_checkpoint(self.acc, self.ckpt_root, step, state, self.config_yaml,
-                                               self.cfg.train.keep_last)
+                                               self.cfg.train.keep_last, fault)
 
     def _set_train(self) -> None:
         for m in self.models.values():
@@ -429,6 +441,7 @@ class _Trainer:
         while self.step < tc.max_steps:
             step = self.step
             self.ctx.step_index = step
+            self.beacon.started(step)
             for _ in range(tc.grad_accum):
                 batch = send_to_device(next(batches), acc.device, non_blocking=True)
                 if tc.channels_last:
