@@ -1,10 +1,16 @@
-"""Frozen-feature probes of a video encoder: weighted kNN and a linear classifier, on cached features.
+"""Frozen-feature probes of a video encoder or a GAN discriminator: weighted kNN and a linear classifier,
+on cached features.
 
 Features: every video's ``clips_per_video`` evenly spaced, centre-cropped clips go through the frozen
 encoder (``forward_features``: pooled, before any projection, eval mode) and are averaged
 (:func:`clip_features`). They are saved with :func:`save_features` as safetensors (tensors plus a JSON
 metadata string naming the checkpoint, the data settings and the video list), so a sweep over k,
 temperatures or weight decays decodes the videos once.
+
+GAN discriminators (ContraD's second claim: its D learns a representation, paper Sec. 4.3 / Table 5,
+linear evaluation of the frozen D): :func:`image_features` runs any ``(B, 3, H, W) -> (B, D)`` feature
+function over an image tensor in batches; ``evaluation.probe_cli.discriminator_features`` feeds it the
+backbone features of a run's D on shapes images (class = primary shape).
 
 - :func:`knn_accuracy`: cosine similarity to every training video, the k most similar vote with weight
   ``exp(sim / temperature)`` (the weighted kNN of Wu et al., CVPR 2018, "Unsupervised Feature Learning
@@ -19,14 +25,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["clip_features", "save_features", "load_features", "knn_accuracy", "linear_probe", "chance_accuracy",
+__all__ = ["clip_features", "image_features", "save_features", "load_features", "knn_accuracy", "linear_probe", "chance_accuracy",
            "probe_report"]
 
 
@@ -62,6 +68,20 @@ def clip_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 4, num
     finally:
         encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def image_features(extract: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 256,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """``extract`` (a frozen feature function, ``(B, 3, H, W) -> (B, D)``) over ``images (N, 3, H, W)`` in
+    batches of ``batch_size`` on ``device``; returns ``(N, D)`` float32 on CPU."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    feats = [extract(images[s:s + batch_size].to(device)).flatten(1).float().cpu()
+             for s in range(0, images.shape[0], batch_size)]
+    return torch.cat(feats)
 
 
 def save_features(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

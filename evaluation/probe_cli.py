@@ -1,4 +1,5 @@
-"""``cmgen eval probe CONFIG [key=value ...] [--checkpoint CKPT] [--cache FEATS.safetensors] [--out probe.json]``.
+"""``cmgen eval probe CONFIG [key=value ...] [--checkpoint CKPT] [--cache FEATS.safetensors] [--out probe.json]``
+and ``cmgen eval probe --gan-checkpoint RUN [--random-init] [--data-root SHAPES] [--out probe.json]``.
 
 Linear probe and weighted kNN (k = 1 and 20 by default, cosine, temperature 0.07) on frozen,
 clip-averaged features of a fine-tune config's train and test videos (``configs/finetune/*.yaml``: its
@@ -7,6 +8,17 @@ section the backbone). The encoder is ``--checkpoint`` (else ``model.init_from``
 initialisation, the baseline). ``--cache`` keeps the features: a later call with the same checkpoint
 file, data settings and videos reads them instead of decoding again (labels always come from the
 split files, so ``data.label_field=digit`` on moving digits reuses a direction-label cache).
+
+``--gan-checkpoint RUN`` (a GAN run directory or checkpoint; no config argument): the frozen backbone
+features of its discriminator (``out.features``: ContraD's backbone output, ContraGAN's ReLU-sum-pooled
+last map) on a shapes data root's ``train`` images (probe training set) and ``val`` images (test set),
+class = primary shape; ``--data-root`` defaults to the shapes data the run trained on. ``--random-init``
+builds the same D from the run's config and seed without loading its weights (the baseline). This is
+ContraD's linear evaluation of D (jh-jeong/ContraD 4ac8ce5 ``test_lineval.py``: a linear layer on the
+frozen ``penultimate`` features, D in eval mode); the official trains it by SGD for 100 epochs with
+SupContrast's crop + flip augmentation, here it is the deterministic L-BFGS probe on un-augmented,
+cached features (:func:`evaluation.probe.linear_probe`) plus the weighted kNN. The table goes to stdout
+as markdown; ``--out X.json`` also writes ``X.md``.
 """
 from __future__ import annotations
 
@@ -21,16 +33,23 @@ COLUMNS_HELP = "kNN top-1 for each --k, linear-probe top-1 for each --wd, chance
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a fine-tune config (configs/finetune/*.yaml)")
+    parser.add_argument("config", nargs="?", default=None,
+                        help="a fine-tune config (configs/finetune/*.yaml); not with --gan-checkpoint")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     parser.add_argument("--checkpoint", default=None,
                         help="RUN/checkpoints/step_N, RUN, or an official .pth.tar (default: model.init_from)")
-    parser.add_argument("--random-init", action="store_true", help="ignore model.init_from (random-init baseline)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="ignore model.init_from / the GAN checkpoint's weights (random-init baseline)")
+    parser.add_argument("--gan-checkpoint", default=None, metavar="RUN",
+                        help="probe the discriminator of a GAN run (run dir or checkpoint) on shapes images")
+    parser.add_argument("--data-root", default=None,
+                        help="shapes data root for --gan-checkpoint (default: the run's shapes data)")
     parser.add_argument("--cache", default=None, help="safetensors file for the features (read when it matches)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="kNN neighbours (default 1 20)")
     parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default 0.07)")
     parser.add_argument("--wd", type=float, nargs="+", default=[1e-4], help="linear-probe L2 weights (default 1e-4)")
-    parser.add_argument("--batch-size", type=int, default=4, help="videos per forward batch")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="videos (default 4) or images (default 256) per forward batch")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--out", default=None, help="write the metrics and settings as JSON here")
@@ -94,19 +113,115 @@ def features_for(cfg, checkpoint: str | None, cache: str | None, batch_size: int
     return {**out, **labels}
 
 
+def discriminator_features(source: str, *, data_root: str | None = None, random_init: bool = False,
+                           batch_size: int = 256, device: str = "cpu", log=print) -> tuple[dict, dict]:
+    """``({"train_features", "train_labels", "test_features", "test_labels"}, settings)``: the frozen
+    discriminator features of a GAN run (``source``: run dir or checkpoint) on a shapes data root's
+    train / val images, class = primary shape (module docstring)."""
+    from pathlib import Path
+
+    import torch
+
+    from cmgen.engine.checkpoint import load_model_state
+    from cmgen.engine.registry import load_config, resolve_method
+    from cmgen.generate_cli import resolve_checkpoint
+    from evaluation.generation_cli import shapes_root_of
+    from evaluation.probe import image_features
+    from evaluation.shapes_eval import _load_split
+
+    ckpt = resolve_checkpoint(source)
+    cfg = load_config(ckpt / "config.yaml")
+    method = resolve_method(cfg.method)(cfg)
+    torch.manual_seed(cfg.run.seed)
+    models = method.build_models(cfg)
+    if "d" not in models:
+        raise ValueError(f"method {cfg.method!r} of {ckpt} has no discriminator model 'd' (models: {list(models)})")
+    d = models["d"]
+    if not random_init:
+        d.load_state_dict(load_model_state(ckpt, "d"))
+        log(f"loaded D from {ckpt}")
+    d.to(device).eval()
+    if data_root is None:
+        data_root = shapes_root_of(method, cfg)
+        if data_root is None:
+            raise ValueError(f"{source}: its run did not train on shapes data; pass --data-root")
+    root = Path(data_root)
+    image_size = int(getattr(cfg.model, "image_size", 32))
+    lo, hi = getattr(method, "output_range", (-1.0, 1.0))
+    num_classes = int(getattr(method, "num_classes", 0) or 0)
+
+    def extract(x01: torch.Tensor) -> torch.Tensor:
+        x = lo + (hi - lo) * x01                     # D sees images in G's output range
+        y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if num_classes else None
+        out = d(x, y) if y is not None else d(x)
+        if not hasattr(out, "features"):
+            raise ValueError(f"the discriminator of method {cfg.method!r} returns no .features")
+        return out.features
+
+    out = {}
+    for name, split in (("train", "train"), ("test", "val")):
+        images, targets, _ = _load_split(root, split, image_size)
+        out[f"{name}_features"] = image_features(extract, images, batch_size, device)
+        out[f"{name}_labels"] = targets["shape"]
+    settings = {"gan_checkpoint": str(ckpt.resolve()), "method": cfg.method, "random_init": random_init,
+                "data_root": str(root.resolve()), "splits": {"train": "train", "test": "val"}, "label": "shape"}
+    return out, settings
+
+
+def _markdown(metrics: dict, title: str) -> str:
+    rows = "".join(f"| {name} | {value:.2f} |\n" for name, value in metrics.items())
+    return f"{title}\n\n| metric | top-1 (%) |\n|---|---|\n{rows}"
+
+
+def _run_gan(args: argparse.Namespace) -> int:
+    from cmgen.config import ConfigError
+    from evaluation.probe import probe_report
+
+    try:
+        if args.config is not None or args.overrides:
+            raise ValueError(f"--gan-checkpoint takes no config or overrides, got {[args.config, *args.overrides]}")
+        feats, settings = discriminator_features(args.gan_checkpoint, data_root=args.data_root,
+                                                 random_init=args.random_init, batch_size=args.batch_size or 256,
+                                                 device=args.device, log=lambda s: print(s, file=sys.stderr))
+        metrics = probe_report(feats, args.k, args.temperature, args.wd)
+    except (OSError, ValueError, ConfigError) as err:
+        print(f"cmgen eval probe: error: {err}", file=sys.stderr)
+        return 2
+    which = "random-init D" if args.random_init else "trained D"
+    md = _markdown(metrics, f"Probe of the frozen {settings['method']} discriminator features ({which}, "
+                            f"{settings['gan_checkpoint']}), class = shape, "
+                            f"{feats['train_features'].shape[0]} train / {feats['test_features'].shape[0]} test images")
+    print(md, end="")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        report = {"metrics": metrics, "settings": {**settings, "k": args.k, "temperature": args.temperature,
+                                                   "weight_decays": args.wd},
+                  "shapes": {s: list(feats[f"{s}_features"].shape) for s in ("train", "test")}}
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(md)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.gan_checkpoint is not None:
+        return _run_gan(args)
     from cmgen.config import ConfigError
     from cmgen.engine.registry import load_config
     from evaluation.probe import probe_report
     from video.finetune import FinetuneConfig
 
     try:
+        if args.config is None:
+            raise ValueError("give a fine-tune config, or --gan-checkpoint RUN")
         cfg = load_config(args.config, args.overrides)
         if not isinstance(cfg, FinetuneConfig):
             raise ValueError(f"{args.config}: cmgen eval probe needs a fine-tune config (method: finetune), "
                              f"got method {cfg.method!r}")
         checkpoint = None if args.random_init else (args.checkpoint or cfg.model.init_from)
-        feats = features_for(cfg, checkpoint, args.cache, args.batch_size, args.num_workers, args.device,
+        feats = features_for(cfg, checkpoint, args.cache, args.batch_size or 4, args.num_workers, args.device,
                              log=lambda s: print(s, file=sys.stderr))
         metrics = probe_report(feats, args.k, args.temperature, args.wd)
     except (OSError, ValueError, ConfigError) as err:
