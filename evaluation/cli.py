@@ -7,7 +7,9 @@ import importlib
 
 KINDS = {
     "retrieval": ("evaluation.retrieval_cli", "R@K / MdR / MnR from a similarity matrix (texts x videos)"),
-    "generation": ("evaluation.generation_cli", "FID / KID / IS / R-precision from saved features"),
+    "generation": ("evaluation.generation_cli",
+                   "FID / KID / IS / precision-recall / R-precision of a generator checkpoint, image folders "
+                   "or saved features"),
     "probe": ("evaluation.probe_cli", "linear probe and kNN on frozen clip-averaged video features"),
 }
 

@@ -6,6 +6,11 @@ From a generator (samples the G-EMA, extracts features, compares with a real set
         --inception-weights pt_inception-2015-12-05-6726825d.pth [--out metrics.json] [--markdown m.md]
     cmgen eval generation --checkpoint runs/contragan-shapes --extractor shapes --n 2000   # offline
 
+A text-conditioned generator (XMC-GAN) is sampled from captions of its run's evaluation split
+(``--rp-split``, one random caption per image) and also gets R-precision (:mod:`evaluation.rprecision`:
+AttnGAN's protocol, 1 true + 99 mismatched captions, with the ``--rp-encoder`` dual encoder, by default
+for shapes runs a small one trained on the real shapes captions and labelled not comparable).
+
 From image folders: ``--real DIR --fake DIR``. From saved features (as before)::
 
     cmgen eval generation --real real_feats.npy --fake fake_feats.npy [--probs fake_probs.npy] \\
@@ -87,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     met.add_argument("--pr-k", type=int, default=3, help="precision/recall neighbourhood (default: %(default)s)")
     met.add_argument("--rp-candidates", type=int, default=100, help="default: %(default)s (AttnGAN)")
     met.add_argument("--rp-splits", type=int, default=10, help="default: %(default)s (DM-GAN)")
+    met.add_argument("--rp-encoder", default=None,
+                     help="R-precision dual encoder of a text-conditioned --checkpoint: a local CLIP folder, or "
+                          "'shapes' (default for shapes runs: a small encoder trained once on the real shapes "
+                          "captions, NOT comparable with published R-precision)")
+    met.add_argument("--rp-split", default="val", help="caption split the images are generated from (default: %(default)s)")
+    met.add_argument("--no-rp", action="store_true", help="skip R-precision of a text-conditioned generator")
     met.add_argument("--seed", type=int, default=0, help="sampling, KID subsets and R-precision candidates")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the markdown table here too")
@@ -280,10 +291,24 @@ def evaluate_images(args: argparse.Namespace) -> dict:
         from cmgen.generate_cli import load_generator
         lg = load_generator(args.checkpoint, which=args.which, use_ema=not args.live, device=device)
     shapes_root = args.shapes_root
+    run_shapes_root = shapes_root_of(lg.method, lg.cfg) if lg is not None and lg.method is not None else None
     if args.extractor == "shapes" and shapes_root is None:
-        shapes_root = shapes_root_of(lg.method, lg.cfg) if lg is not None and lg.method is not None else None
+        shapes_root = run_shapes_root
         if shapes_root is None:
             raise ValueError("--extractor shapes needs --shapes-root (the generator's run does not name shapes data)")
+    text = lg is not None and lg.conditioning == "text"
+    if text and lg.method is None:
+        raise ValueError(f"{args.checkpoint}: a text-conditioned generator is evaluated on its run's captions; "
+                         "pass the run or checkpoint directory, not an exported folder")
+    rp_encoder = None
+    if text and not args.no_rp:
+        from evaluation.rprecision import load_dual_encoder
+
+        if args.rp_encoder is None and run_shapes_root is None:
+            _warn(warns, "R-precision skipped: the run did not train on shapes, so there is no default dual "
+                         "encoder; pass --rp-encoder PATH (a local CLIP folder)")
+        else:
+            rp_encoder = load_dual_encoder(args.rp_encoder, shapes_root=run_shapes_root, device=device)
     extractor = build_extractor(args.extractor, inception_weights=args.inception_weights,
                                 encoder_weights=args.encoder_weights, shapes_root=shapes_root,
                                 random_init_for_tests=args.random_weights_for_tests, device=device)
@@ -296,14 +321,28 @@ def evaluate_images(args: argparse.Namespace) -> dict:
                                                      progress=not args.no_progress, warns=warns)
     keep = tuple(k for k in ("features", "probs") if k in extractor.outputs)
     labels: list = []
+    image_emb: list = []
+    captions = caption_index = None
     if lg is not None:
         from cmgen.generate_cli import sample_images
+        from evaluation.rprecision import evaluation_captions, generate_from_captions
+
+        if text:
+            if args.class_id is not None:
+                raise ValueError("--class does not apply to a text-conditioned generator")
+            captions, caption_index = evaluation_captions(lg.method, args.n, split=args.rp_split, seed=args.seed)
 
         def batches():
-            for images, cond in sample_images(lg, args.n, seed=args.seed, class_id=args.class_id,
-                                              batch_size=args.batch_size):
+            if text:
+                source = ((x, None) for x in generate_from_captions(lg, captions, seed=args.seed,
+                                                                     batch_size=args.batch_size))
+            else:
+                source = sample_images(lg, args.n, seed=args.seed, class_id=args.class_id, batch_size=args.batch_size)
+            for images, cond in source:
                 if isinstance(cond, torch.Tensor):
                     labels.append(cond.cpu())
+                if rp_encoder is not None:
+                    image_emb.append(rp_encoder.embed_images(images.float().cpu()))
                 yield images
 
         fake_out = extract(extractor, batches(), batch_size=args.batch_size, keep=keep,
@@ -321,12 +360,22 @@ def evaluate_images(args: argparse.Namespace) -> dict:
     if labels and probs is not None and args.extractor == "shapes":
         y = torch.cat(labels).numpy()
         metrics["class_accuracy"] = float((probs.argmax(1) == y).mean())
+    rp_info = None
+    if rp_encoder is not None:
+        # equivalent captions (of the same image) never serve as each other's mismatched candidates
+        metrics["r_precision_mean"], metrics["r_precision_std"] = gen.r_precision(
+            np.concatenate(image_emb), rp_encoder.embed_texts(captions), num_candidates=args.rp_candidates,
+            splits=min(args.rp_splits, len(captions)), labels=caption_index, seed=args.seed)
+        rp_info = {**rp_encoder.info, "captions": f"{args.rp_split} split, one random caption per image",
+                   "num_candidates": args.rp_candidates, "protocol": "AttnGAN / DM-GAN (evaluation.generation.r_precision)"}
     result: dict[str, Any] = {
         "metrics": metrics, "num_fake": int(fake_out["n"]), "seed": args.seed, "extractor": extractor.info,
         "real": real_prov, "generator": generator_info, "protocol": {
             "fid": f"pytorch-fid ({args.fid_method})", "kid": f"torch-fidelity, {args.kid_subsets} subsets",
             "is": "softmax of unbiased logits, contiguous splits", "precision_recall": f"Kynkaenniemi et al. k={args.pr_k}"},
         "warnings": warns}
+    if rp_info is not None:
+        result["r_precision"] = rp_info
     if extractor.info.get("random_init"):
         result["note"] = "RANDOM extractor weights (test only): these numbers mean nothing"
     elif args.extractor == "shapes":
@@ -360,6 +409,13 @@ def result_markdown(result: dict) -> str:
     lines.append(f"- real: {result['real'].get('source')} ({result['metrics'].get('num_real', 'statistics only')} rows)")
     if "note" in result:
         lines.append(f"- **note: {result['note']}**")
+    if "r_precision" in result:
+        rp = result["r_precision"]
+        lines.append(f"- R-precision: {rp['encoder']} (sha256 {str(rp.get('sha256'))[:16]}...), {rp['num_candidates']} "
+                     f"candidates, {rp['captions']}" + (f"; real val images score {rp['real_val_r_precision']:.3f}"
+                                                        if rp.get("real_val_r_precision") is not None else ""))
+        if rp.get("note"):
+            lines.append(f"- **note: {rp['note']}**")
     for w in result["warnings"]:
         lines.append(f"- warning: {w}")
     return "\n".join(lines)

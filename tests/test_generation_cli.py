@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,65 @@ def test_fid_hook_during_training_and_best_checkpoint(tmp_path, monkeypatch):
     # keep_last=1 keeps the newest checkpoint and the best one (the one best when the newest was written)
     kept = {p.name for p in (result.run_dir / "checkpoints").glob("step_*")}
     assert {ckpt.name, "step_000004"} <= kept <= {"step_000002", "step_000004"}
+
+
+XMC_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xmcgan" / "shapes.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_xmcgan_run(tmp_path_factory):
+    """2 steps of the XMC-GAN shapes config (its smoke sizes), one checkpoint."""
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("xmc")
+    cfg = load_config(XMC_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2", "train.sample_every=0",
+                                   "train.checkpoint_every=2", "train.log_every=1", "train.progress_bar=false",
+                                   "train.trackers=[]", "data.num_images=48", "train.batch_size=8",
+                                   "gan.samples_per_class=4"])
+    return train(cfg).run_dir
+
+
+@pytest.mark.slow
+def test_checkpoint_text_generator_reports_r_precision(tiny_xmcgan_run, tmp_path, monkeypatch):
+    from evaluation import rprecision
+
+    monkeypatch.setattr(shapes_eval, "_TRAIN_IMAGES", 400)
+    monkeypatch.setattr(shapes_eval, "_EPOCHS", 1)
+    monkeypatch.setattr(rprecision, "_TRAIN_IMAGES", 200)
+    monkeypatch.setattr(rprecision, "_EPOCHS", 1)
+    out, md = tmp_path / "x.json", tmp_path / "x.md"
+    with pytest.warns(RuntimeWarning):
+        assert main(["eval", "generation", "--checkpoint", str(tiny_xmcgan_run), "--extractor", "shapes", "--n", "12",
+                     "--batch-size", "5", "--fid-method", "eigh", "--no-progress", "--device", "cpu", "--stats-cache",
+                     str(tmp_path / "c"), "--out", str(out), "--markdown", str(md)]) == 0
+    r = json.loads(out.read_text())
+    m = r["metrics"]
+    assert r["num_fake"] == 12 and "fid" in m
+    assert 0.0 <= m["r_precision_mean"] <= 1.0 and m["r_precision_std"] >= 0.0
+    rp = r["r_precision"]
+    assert rp["note"] == rprecision.NOT_COMPARABLE and rp["num_candidates"] == 100 and "val split" in rp["captions"]
+    assert rp["file"].endswith("dual_encoder_32px.pt")
+    assert "R-precision (%)" in md.read_text() and "not comparable with published R-precision" in md.read_text()
+    with pytest.warns(RuntimeWarning):
+        assert main(["eval", "generation", "--checkpoint", str(tiny_xmcgan_run), "--extractor", "shapes", "--n", "6",
+                     "--no-rp", "--fid-method", "eigh", "--no-progress", "--device", "cpu", "--stats-cache",
+                     str(tmp_path / "c"), "--out", str(out)]) == 0
+    assert "r_precision_mean" not in json.loads(out.read_text())["metrics"]
+
+
+def test_text_generator_images_follow_caption_order_not_batches(tiny_xmcgan_run):
+    """Image i comes from caption i and z_i whatever the batch size; the captions are the val split's."""
+    from cmgen.generate_cli import load_generator
+    from evaluation.rprecision import evaluation_captions, generate_from_captions
+
+    lg = load_generator(tiny_xmcgan_run)
+    captions, index = evaluation_captions(lg.method, 9, seed=1)
+    val = lg.method.data_root() / "annotations" / "captions_val.json"
+    val_captions = {a["caption"] for a in json.loads(val.read_text())["annotations"]}
+    assert set(captions) <= val_captions and index.tolist() == [i % 6 for i in range(9)]
+    a = torch.cat(list(generate_from_captions(lg, captions, seed=3, batch_size=4)))
+    b = torch.cat(list(generate_from_captions(lg, captions, seed=3, batch_size=9)))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    swapped = torch.cat(list(generate_from_captions(lg, [captions[1], captions[0], *captions[2:]], seed=3)))
+    assert not torch.allclose(swapped[0], a[0]) and torch.allclose(swapped[2:], a[2:], atol=1e-5)
