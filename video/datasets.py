@@ -76,6 +76,7 @@ class _SkippingVideoDataset(Dataset, abc.ABC):
         self.skipped_paths: set[str] = set()
         self._num_frames: dict[str, int] = {}  # per-video frame counts, so each file is counted once
         self.skip_log: str | os.PathLike | None = None
+        self.short_side: int | None = None  # decode-time short-side scaling (UCF101 and its subclasses)
 
     @property
     def skipped(self) -> int:
@@ -110,9 +111,16 @@ class _SkippingVideoDataset(Dataset, abc.ABC):
     def _frames(self, path: str, indices: torch.Tensor) -> torch.Tensor:
         """Decode ``(clips, T)`` indices once (union of frames) -> ``(clips, 3, T, H, W)`` float in [0, 1],
         with ``transform`` applied per clip; ``(3, T, H, W)`` when there is one clip."""
-        unique, inverse = torch.unique(indices, return_inverse=True)
-        frames = read_frames(path, unique, size=self.size, timeout=self.timeout, backend=self.backend)
-        clips = frames[inverse].permute(0, 4, 1, 2, 3).float().div_(255.0)  # (clips, T, H, W, 3) -> (clips, 3, T, H, W)
+        short_side = self.short_side
+        if indices.shape[0] == 1 and bool((indices.diff(dim=1) > 0).all()):
+            # one clip of distinct increasing frames (the training case): decode exactly those, no gather copy
+            frames = read_frames(path, indices[0], size=self.size, short_side=short_side, timeout=self.timeout,
+                                 backend=self.backend)[None]
+        else:
+            unique, inverse = torch.unique(indices, return_inverse=True)
+            frames = read_frames(path, unique, size=self.size, short_side=short_side, timeout=self.timeout,
+                                 backend=self.backend)[inverse]
+        clips = frames.permute(0, 4, 1, 2, 3).float().div_(255.0)  # (clips, T, H, W, 3) -> (clips, 3, T, H, W)
         if self.transform is not None:
             clips = torch.stack([self.transform(c) for c in clips])
         return clips[0] if clips.shape[0] == 1 else clips
@@ -199,6 +207,8 @@ class UCF101(_SkippingVideoDataset):
         clip_len: frames per clip (T).
         stride: step between sampled frames.
         size: decoded frame size (``None`` native, ``s`` or ``(H, W)``).
+        short_side: instead of ``size``, decode with the shorter side scaled to this (aspect kept), for
+            training pipelines that crop from a short-side resize (see :func:`video.io.read_frames`).
         clips_per_video: random clips per item when ``train``; evenly spaced clips otherwise
             (10 at test time, as VideoMoCo's evaluation).
         train: random clip positions (training) or deterministic dense clips (testing).
@@ -212,7 +222,8 @@ class UCF101(_SkippingVideoDataset):
     def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike, class_ind: str | os.PathLike,
                  clip_len: int = 16, stride: int = 1, size: int | Sequence[int] | None = None,
                  clips_per_video: int = 1, train: bool = True, transform: Callable | None = None,
-                 backend: str = "decord", timeout: float | None = 30.0):
+                 backend: str = "decord", timeout: float | None = 30.0,
+                 short_side: int | None = None):
         super().__init__()
         self.root = Path(root)
         self.classes = read_class_ind(class_ind)
@@ -228,13 +239,18 @@ class UCF101(_SkippingVideoDataset):
             if not 1 <= label <= len(self.classes):
                 raise ValueError(f"{split_file}: label {label} of {rel!r} outside 1..{len(self.classes)}")
             self.samples.append((rel, label - 1))
-        self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout)
+        self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout, short_side)
 
     def _configure(self, clip_len: int, stride: int, size, clips_per_video: int, train: bool,
-                   transform: Callable | None, backend: str, timeout: float | None) -> None:
+                   transform: Callable | None, backend: str, timeout: float | None,
+                   short_side: int | None = None) -> None:
         if clip_len < 1 or stride < 1 or clips_per_video < 1:
             raise ValueError(f"clip_len, stride and clips_per_video must be >= 1, got {clip_len}, {stride}, "
                              f"{clips_per_video}")
+        if short_side is not None and (size is not None or short_side < 1):
+            raise ValueError(f"short_side must be None or >= 1 and excludes size; got short_side={short_side!r}, "
+                             f"size={size!r}")
+        self.short_side = short_side
         self.clip_len, self.stride, self.size = clip_len, stride, size
         self.clips_per_video, self.train, self.transform = clips_per_video, train, transform
         self.backend, self.timeout = backend, timeout
@@ -306,7 +322,7 @@ class HMDB51(UCF101):
         split_dir: folder of ``<class>_test_split<k>.txt`` (``testTrainMulti_7030_splits``).
         split: 1, 2 or 3.
         train: the train (tag 1) or test (tag 2) videos; also selects random or dense clips as UCF101.
-        clip_len, stride, size, clips_per_video, transform, backend, timeout: as :class:`UCF101`.
+        clip_len, stride, size, clips_per_video, transform, backend, timeout, short_side: as :class:`UCF101`.
 
     Lists already converted to the UCF101 format read with :class:`UCF101`.
     """
@@ -314,12 +330,12 @@ class HMDB51(UCF101):
     def __init__(self, root: str | os.PathLike, split_dir: str | os.PathLike, split: int = 1, train: bool = True,
                  clip_len: int = 16, stride: int = 1, size: int | Sequence[int] | None = None,
                  clips_per_video: int = 1, transform: Callable | None = None, backend: str = "decord",
-                 timeout: float | None = 30.0):
+                 timeout: float | None = 30.0, short_side: int | None = None):
         _SkippingVideoDataset.__init__(self)
         self.root = Path(root)
         self.classes, splits = read_hmdb51_splits(split_dir, split)
         self.samples = splits["train" if train else "test"]
-        self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout)
+        self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout, short_side)
 
 
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
@@ -363,7 +379,8 @@ class Kinetics400(UCF101):
         classes: the class order (default: the sorted labels of the CSV, or the folder names).
         missing: CSV rows whose file is absent: ``"skip"`` (left out; listed once in ``self.missing``
             and one warning) or ``"error"``.
-        clip_len, stride, size, clips_per_video, train, transform, backend, timeout: as :class:`UCF101`.
+        clip_len, stride, size, clips_per_video, train, transform, backend, timeout, short_side: as
+            :class:`UCF101`.
 
     Items: ``(clip (3, T, H, W) float in [0, 1], label int)``.
     """
@@ -371,7 +388,8 @@ class Kinetics400(UCF101):
     def __init__(self, root: str | os.PathLike, csv: str | os.PathLike | None = None, split: str | None = None,
                  classes: Sequence[str] | None = None, missing: str = "skip", clip_len: int = 16, stride: int = 1,
                  size: int | Sequence[int] | None = None, clips_per_video: int = 1, train: bool = True,
-                 transform: Callable | None = None, backend: str = "decord", timeout: float | None = 30.0):
+                 transform: Callable | None = None, backend: str = "decord", timeout: float | None = 30.0,
+                 short_side: int | None = None):
         _SkippingVideoDataset.__init__(self)
         if missing not in ("skip", "error"):
             raise ValueError(f"missing must be 'skip' or 'error', got {missing!r}")
@@ -409,7 +427,7 @@ class Kinetics400(UCF101):
             warnings.warn(f"{len(self.missing)} of {len(rows)} videos listed in {csv} are missing under "
                           f"{self.root} and left out (dataset.missing lists them), e.g. {self.missing[:3]}",
                           RuntimeWarning, stacklevel=2)
-        self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout)
+        self._configure(clip_len, stride, size, clips_per_video, train, transform, backend, timeout, short_side)
 
 
 def stratified_subset(labels: Sequence[int], n: int, seed: int = 0) -> list[int]:
@@ -553,11 +571,12 @@ class MovingDigitsSpec:
     digit_size: int = 16
     speed: int = 1
     clips_per_group: int = 2
+    test_groups: int = 1          # groups 1..test_groups of every class are the test split
     seed: int = 0
 
     def writer_settings(self) -> dict:
         """Keyword arguments of ``write_moving_digits`` (``frame_size`` is its ``size``)."""
         return dict(num_videos=self.num_videos, num_frames=self.num_frames, size=self.frame_size,
                     digit_size=self.digit_size, speed=self.speed, clips_per_group=self.clips_per_group,
-                    seed=self.seed)
+                    test_groups=self.test_groups, seed=self.seed)
 

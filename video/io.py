@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["VideoReadError", "read_frames", "num_frames", "uniform_indices", "random_clip_indices",
-           "dense_clips", "BACKENDS"]
+__all__ = ["VideoReadError", "read_frames", "num_frames", "short_side_size", "uniform_indices",
+           "random_clip_indices", "dense_clips", "BACKENDS"]
 
 BACKENDS = ("decord", "av")
 
@@ -84,8 +84,8 @@ def _check_file(path: str) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _av_counts(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
-    """(frame count in the container header (0 if absent), exact count of video packets).
+def _av_probe(path: str, mtime_ns: int, size: int) -> tuple[int, int, int, int]:
+    """(frame count in the container header (0 if absent), exact count of video packets, height, width).
 
     The packet count demuxes the file without decoding (milliseconds for a clip); cached per file
     version so a dataset pays it once per video and process."""
@@ -95,17 +95,32 @@ def _av_counts(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
         with av.open(path) as container:
             stream = container.streams.video[0]
             header = int(stream.frames or 0)
+            height, width = int(stream.codec_context.height), int(stream.codec_context.width)
             packets = sum(1 for p in container.demux(stream) if p.size > 0)
     except (av.FFmpegError, IndexError, OSError) as e:
         raise VideoReadError(path, f"PyAV could not demux the video stream ({type(e).__name__}: {e})") from e
-    return header, packets
+    return header, packets, height, width
+
+
+def _probe(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return _av_probe(path, st.st_mtime_ns, st.st_size)
+
+
+def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """``(H, W)`` with the shorter side ``short_side`` and the aspect ratio kept (the other side rounded),
+    the same rounding as ``video.videomoco.ClipAugment``'s short-side resize, so frames decoded at this
+    size pass through that resize unchanged."""
+    if height < 1 or width < 1 or short_side < 1:
+        raise ValueError(f"need positive sizes, got height={height}, width={width}, short_side={short_side}")
+    r = short_side / min(height, width)
+    return max(1, round(height * r)), max(1, round(width * r))
 
 
 def _verified_count(path: str, claimed: int) -> int:
     """Frame count safe to index: ``claimed`` when the container header agrees, else the demuxed
     packet count (clamped to ``claimed``, the frames the decoder believes it has)."""
-    st = os.stat(path)
-    header, packets = _av_counts(path, st.st_mtime_ns, st.st_size)
+    header, packets = _probe(path)[:2]
     if header == claimed and claimed > 0:
         return claimed
     return min(claimed, packets) if claimed > 0 else packets
@@ -156,9 +171,7 @@ def _read_av(path: str, idx: np.ndarray, size: tuple[int, int] | None) -> np.nda
     timestamps, at the cost of decoding the prefix (fine for clips; decord is the fast path)."""
     import av
 
-    st = os.stat(path)
-    _, packets = _av_counts(path, st.st_mtime_ns, st.st_size)
-    _check_indices(path, idx, packets)
+    _check_indices(path, idx, _probe(path)[1])
     wanted = set(idx.tolist())
     last = int(idx.max())
     kwargs: dict[str, Any] = {"format": "rgb24"}
@@ -182,7 +195,10 @@ def _read_av(path: str, idx: np.ndarray, size: tuple[int, int] | None) -> np.nda
     return np.stack([got[i] for i in idx.tolist()])
 
 
-def _read(path: str, idx: np.ndarray, size: tuple[int, int] | None, backend: str) -> np.ndarray:
+def _read(path: str, idx: np.ndarray, size: tuple[int, int] | None, backend: str,
+          short_side: int | None = None) -> np.ndarray:
+    if short_side is not None:
+        size = short_side_size(*_probe(path)[2:], short_side)
     if backend == "av":
         return _read_av(path, idx, size)
     if backend == "decord":
@@ -201,8 +217,8 @@ def _read(path: str, idx: np.ndarray, size: tuple[int, int] | None, backend: str
 
 
 def read_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray | torch.Tensor, *,
-                size: int | Sequence[int] | None = None, timeout: float | None = 30.0,
-                backend: str = "decord") -> torch.Tensor:
+                size: int | Sequence[int] | None = None, short_side: int | None = None,
+                timeout: float | None = 30.0, backend: str = "decord") -> torch.Tensor:
     """Decode frames ``indices`` of the video at ``path``.
 
     Args:
@@ -211,6 +227,10 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray | t
         size: ``None`` for the native resolution, ``s`` for s x s, or ``(H, W)``; FFmpeg's scaler
             resizes while decoding (aspect ratio is not kept), except for the small widths where decord
             0.6.0 fails to scale, which are decoded natively and resized with antialiased bilinear.
+        short_side: instead of ``size``, scale while decoding so that the shorter side is ``short_side``
+            and the aspect ratio is kept (:func:`short_side_size` of the stream's coded size). Training
+            pipelines that crop from a short-side resize decode 10-30x fewer pixels of HD videos this way
+            and never hold the native frames (FFmpeg's bicubic scaler, not antialiased bilinear).
         timeout: seconds before the read is abandoned with :class:`VideoReadError` (``None``: no limit);
             see the module docstring for what it can and cannot stop.
         backend: ``"decord"`` (falls back to PyAV when decord cannot open the file) or ``"av"``.
@@ -229,15 +249,19 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray | t
         raise ValueError(f"timeout must be > 0 or None, got {timeout!r}")
     idx = _as_indices(indices)
     hw = _parse_size(size)
+    if short_side is not None and (hw is not None or int(short_side) < 1):
+        raise ValueError(f"short_side must be a positive int and excludes size; got short_side={short_side!r}, "
+                         f"size={size!r}")
+    short = None if short_side is None else int(short_side)
     _check_file(path)
     if timeout is None:
-        return torch.from_numpy(_read(path, idx, hw, backend))
+        return torch.from_numpy(_read(path, idx, hw, backend, short))
 
     result: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            result["frames"] = _read(path, idx, hw, backend)
+            result["frames"] = _read(path, idx, hw, backend, short)
         except BaseException as e:  # re-raised in the caller's thread
             result["error"] = e
 
@@ -268,8 +292,7 @@ def num_frames(path: str | os.PathLike, backend: str = "decord") -> int:
                 raise
     elif backend != "av":
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    st = os.stat(path)
-    count = _av_counts(path, st.st_mtime_ns, st.st_size)[1]
+    count = _probe(path)[1]
     if count < 1:
         raise VideoReadError(path, "no video frames")
     return count

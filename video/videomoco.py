@@ -357,7 +357,7 @@ class VideoMoCoDataConfig(MovingDigitsSpec):
     clip_len: int = 16
     stride: int = 1
     size: int = 32                         # crop size (train.py -cs 112); frames are decoded natively
-    short_side: Optional[int] = None       # resize the short side (aspect kept) before cropping; None: native
+    short_side: Optional[int] = None       # short side (aspect kept) scaled while decoding, then crop; None: native
     crop_scale: tuple[float, float] = (0.2, 1.0)
     # tiny: ClipAugment's crop + brightness on the CPU, no flip, no normalisation (moving digits);
     # official: crop on the CPU, then moco/loader.py MoCoAugment on the device (video/augment.py)
@@ -469,7 +469,7 @@ class VideoMoCoMethod(Method):
                                                      normalize=d.augment == "official")
         return UCF101(root / "UCF-101", root / "ucfTrainTestlist" / f"{split}list01.txt",
                       root / "ucfTrainTestlist" / "classInd.txt", clip_len=d.clip_len, stride=d.stride,
-                      size=None, train=train, transform=transform)
+                      size=None, train=train, transform=transform, short_side=d.short_side if train else None)
 
     def _train_videos(self) -> Dataset:
         d = self.cfg.data
@@ -481,7 +481,7 @@ class VideoMoCoMethod(Method):
             root = Path(d.root)
             csv = None if d.kinetics_csv is None else root / d.kinetics_csv
             return Kinetics400(root / d.kinetics_video_dir, csv, d.kinetics_split, clip_len=d.clip_len,
-                               stride=d.stride, train=True)
+                               stride=d.stride, train=True, short_side=d.short_side)
         raise ValueError(f"data.dataset must be 'ucf101' or 'kinetics400', got {d.dataset!r}")
 
     def build_dataset(self, cfg: VideoMoCoConfig) -> Dataset:
