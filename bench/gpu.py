@@ -4,19 +4,27 @@ Three measurements, each through cmgen's own code (no re-implementation of a ste
 
 1. **ContraGAN-32**: ``cmgen.engine.train`` on ``configs/contragan/shapes.yaml`` at StudioGAN's CIFAR-10
    widths (``CONTRAGAN_PAPER``: g/d channels 96, z 80, embedding 512), 64 reals per D update, 5 D
-   updates + 1 G update per step (``gan.d_batches=split``: a step loads 5 x 64 reals). Reported:
-   real images through D per second (``64 * n_dis * steps/s``), steps/s and peak GPU memory.
+   updates + 1 G update per step (``gan.d_batches=split``: a step loads 5 x 64 reals). The reals are
+   decoded once and held in memory (PNG decoding on the training thread would be timed otherwise).
+   Reported: real images through D per second (``64 * n_dis * steps/s``), steps/s and peak GPU memory.
 2. **VideoMoCo**: ``cmgen.engine.train`` on ``configs/videomoco/moving_digits.yaml`` with the
    ``r2plus1d_18`` backbone, 16 x 112 x 112 clips, dim 128, K = 65536, the adversarial frame-dropping
-   G active from step 0; the clips are random tensors held in memory (the benchmark measures the GPU
-   step, not video decoding). Reported: clips per second (``batch * steps/s``) and peak memory.
+   G active from step 0; the clips are random tensors generated once and held in memory (the benchmark
+   measures the GPU step, not video decoding). Reported: clips per second (``batch * steps/s``) and peak
+   memory.
 3. **NT-Xent** N = 65536 pairs (2N = 131072 rows), D = 128, temperature 0.1: one forward + backward
    of ``cmgen.losses.NTXent`` (default, and chunked) and lightly's ``NTXentLoss`` where it fits in GPU
    memory (out-of-memory is reported as such); seconds per fwd+bwd and peak GPU memory.
 
 Engine throughput comes from the engine's own ``steps_per_sec`` log records: the first ``--warmup``
 steps (cuDNN autotuning, allocator warm-up) form one log window that is discarded; the mean over the
-following windows is reported. ``--smoke`` runs tiny versions of all three on CPU in well under a
+following windows is reported. Each window ends on a device synchronisation (the logged loss means
+are read back to the host), and one epoch is longer than the whole run, so no epoch boundary falls
+inside a window. Peak GPU memory is ``max_memory_allocated`` after ``gc.collect`` + ``empty_cache`` +
+``reset_peak_memory_stats`` at the start of each workload (``baseline_gpu_bytes``: what was still
+allocated then). The engine sets TF32 from ``train.tf32`` for the whole process, so the NT-Xent rows
+record the matmul TF32 flag they ran under. The report is rewritten after every workload, so a run cut
+short by scripts/gpu_check.sh's time limit still leaves the finished ones. ``--smoke`` runs tiny versions of all three on CPU in well under a
 minute (tests/test_bench_smoke.py), so the script is known to work before it meets a GPU.
 
     python bench/gpu.py                       # on a GPU: writes bench/results/gpu.json and gpu.md
@@ -26,6 +34,7 @@ minute (tests/test_bench_smoke.py), so the script is known to work before it mee
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import math
@@ -72,10 +81,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+def _reset_peak() -> int | None:
+    """Free what the previous workload left (reference cycles included), reset the peak; returns the
+    bytes still allocated (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return int(torch.cuda.memory_allocated())
 
 
 def _peak_bytes() -> int | None:
@@ -85,25 +100,47 @@ def _peak_bytes() -> int | None:
 # ---------------------------------------------------------------------------------------------------
 # engine workloads
 # ---------------------------------------------------------------------------------------------------
+class _Repeat(torch.utils.data.Dataset):
+    """``items`` (held in memory) repeated to ``length`` samples: one epoch spans the whole run."""
+
+    def __init__(self, items: list, length: int):
+        self.items, self.length = items, max(length, len(items))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.items[i % len(self.items)]
+
+
+def _samples_needed(cfg) -> int:
+    return cfg.train.batch_size * (cfg.train.max_steps + 1)
+
+
+def _in_memory_contragan():
+    """ContraGAN whose reals are decoded once (the shapes PNGs) and repeated for the whole run."""
+    from cmgen.engine.registry import resolve_method
+
+    class InMemoryContraGAN(resolve_method("contragan")):
+        def build_dataset(self, cfg):
+            real = super().build_dataset(cfg)
+            return _Repeat([real[i] for i in range(len(real))], _samples_needed(cfg))
+
+    return InMemoryContraGAN
+
+
 def _synthetic_videomoco():
-    """VideoMoCo whose training clips are seeded random tensors in memory (no decoding)."""
+    """VideoMoCo whose training clips are seeded random tensors, generated once and held in memory."""
     from video.videomoco import VideoMoCoMethod
 
-    class Clips(torch.utils.data.Dataset):
-        def __init__(self, n: int, t: int, size: int):
-            self.n, self.shape = n, (3, t, size, size)
-
-        def __len__(self) -> int:
-            return self.n
-
-        def __getitem__(self, i: int) -> dict:
-            g = torch.Generator().manual_seed(i)
-            return {"q": torch.rand(self.shape, generator=g), "k": torch.rand(self.shape, generator=g),
-                    "label": i % 10}
+    def clips(n: int, t: int, size: int) -> list[dict]:
+        g = torch.Generator().manual_seed(0)
+        return [{"q": torch.rand((3, t, size, size), generator=g), "k": torch.rand((3, t, size, size), generator=g),
+                 "label": i % 10} for i in range(n)]
 
     class SyntheticVideoMoCo(VideoMoCoMethod):
         def build_dataset(self, cfg):
-            return Clips(4 * cfg.train.batch_size, cfg.data.clip_len, cfg.data.size)
+            return _Repeat(clips(4 * cfg.train.batch_size, cfg.data.clip_len, cfg.data.size), _samples_needed(cfg))
 
     return SyntheticVideoMoCo
 
@@ -115,7 +152,7 @@ def engine_throughput(config: str, overrides: list[str], warmup: int, windows: i
 
     cfg = load_config(config, [f"run.output_dir={out_dir}", f"run.name={name}", *QUIET, *overrides,
                                f"train.log_every={warmup}", f"train.max_steps={warmup * (1 + windows)}"])
-    _reset_peak()
+    baseline = _reset_peak()
     t0 = time.perf_counter()
     result = train(cfg, method_cls=method_cls)
     wall = time.perf_counter() - t0
@@ -124,7 +161,7 @@ def engine_throughput(config: str, overrides: list[str], warmup: int, windows: i
     rates = [r["steps_per_sec"] for r in records[1:]]
     losses = {k: v for k, v in records[-1].items() if "loss" in k}
     return {"steps_per_sec": sum(rates) / len(rates), "windows": len(rates), "steps": result.step,
-            "peak_gpu_bytes": _peak_bytes(), "wall_s": wall, "final_losses": losses,
+            "peak_gpu_bytes": _peak_bytes(), "baseline_gpu_bytes": baseline, "wall_s": wall, "final_losses": losses,
             "finite": all(math.isfinite(v) for v in losses.values()), "batch_size": cfg.train.batch_size,
             "n_dis": getattr(getattr(cfg, "gan", None), "n_dis", None)}
 
@@ -135,7 +172,7 @@ def bench_contragan(args, out_dir: Path) -> dict:
     over = (CONTRAGAN_SMOKE if args.smoke else CONTRAGAN_PAPER) + [
         f"train.batch_size={per_d * n_dis}", f"gan.n_dis={n_dis}", "gan.d_batches=split", *args.engine_overrides]
     r = engine_throughput(str(ROOT / "configs" / "contragan" / "shapes.yaml"), over, args.warmup, args.windows,
-                          out_dir, "contragan")
+                          out_dir, "contragan", method_cls=_in_memory_contragan())
     r.update(what=f"ContraGAN-32, {per_d} reals per D update, {n_dis} D + 1 G updates per step",
              images_per_sec=r["steps_per_sec"] * per_d * n_dis, overrides=over)
     return r
@@ -163,7 +200,8 @@ def bench_ntxent(args) -> list[dict]:
     impls = [("cmgen", None), ("cmgen-chunked", args.chunk_size), ("lightly", None)]
     rows = []
     for impl, chunk in impls:
-        row = {"impl": impl, "n": n, "dim": dim, "chunk_size": chunk}
+        row = {"impl": impl, "n": n, "dim": dim, "chunk_size": chunk,
+               "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None}
         try:
             fn = losses.build_loss(impl, n, 0.1, chunk or 0)
         except ImportError as e:
@@ -186,6 +224,8 @@ def bench_ntxent(args) -> list[dict]:
                        **_measure.summarize_times(times))
         except torch.cuda.OutOfMemoryError as e:
             row.update(status="out of GPU memory", error=str(e).splitlines()[0][:200])
+        except RuntimeError as e:   # any other failure is reported in the row, the other rows still run
+            row.update(status=f"error: {type(e).__name__}", error=" ".join(str(e).split())[:200])
         finally:
             del z0, z1
             _reset_peak()
@@ -226,7 +266,10 @@ def render(report: dict) -> str:
     nt = report.get("ntxent", [])
     if nt:
         n, d = nt[0]["n"], nt[0]["dim"]
-        lines += [f"NT-Xent, N = {n} pairs ({2 * n} rows), D = {d}, temperature 0.1, one forward + backward:", ""]
+        tf32 = nt[0].get("tf32_matmul")
+        precision = "" if tf32 is None else f", fp32 inputs, matmul TF32 {'on' if tf32 else 'off'}"
+        lines += [f"NT-Xent, N = {n} pairs ({2 * n} rows), D = {d}, temperature 0.1{precision}, one forward + "
+                  f"backward:", ""]
         nrows = []
         for r in nt:
             name = r["impl"] + (f" (chunk {r['chunk_size']})" if r["chunk_size"] else "")
@@ -267,6 +310,15 @@ def main(argv=None) -> int:
     report = {"smoke": args.smoke, "machine": _measure.machine_info(), "engine_overrides": args.engine_overrides,
               "device": str(_device())}
     only = set(args.only.split(","))
+    if args.pytest_log is not None and args.pytest_log.is_file():
+        tail = [line for line in args.pytest_log.read_text().splitlines() if line.strip()]
+        report["pytest"] = tail[-1].strip("= ") if tail else "no output"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:   # after every workload: a run stopped by a time limit keeps what it finished
+        (args.out / "gpu.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / "gpu.md").write_text(render(report))
+
     with tempfile.TemporaryDirectory(prefix="cmgen-gpu-bench-") as tmp:
         for key, fn in (("contragan", bench_contragan), ("videomoco", bench_videomoco)):
             if key in only:
@@ -276,15 +328,11 @@ def main(argv=None) -> int:
                     report[key] = {"what": key, "error": f"{type(e).__name__}: {e}",
                                    "traceback": traceback.format_exc()[-3000:]}
                 print(f"{key}: {json.dumps({k: v for k, v in report[key].items() if k != 'traceback'})}", flush=True)
+                save()
     if "ntxent" in only:
         report["ntxent"] = bench_ntxent(args)
         print(f"ntxent: {json.dumps(report['ntxent'])}", flush=True)
-    if args.pytest_log is not None and args.pytest_log.is_file():
-        tail = [line for line in args.pytest_log.read_text().splitlines() if line.strip()]
-        report["pytest"] = tail[-1].strip("= ") if tail else "no output"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "gpu.md").write_text(render(report))
+    save()
     print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
     failed = [k for k in ("contragan", "videomoco") if isinstance(report.get(k), dict) and "error" in report[k]]
     return 1 if failed else 0
