@@ -149,11 +149,16 @@ class ScheduleConfig:
 
 @dataclass
 class EMAConfig:
-    """Exponential moving averages of the named models (e.g. ``models: [g]`` for a GAN generator)."""
+    """Exponential moving averages of the named models (e.g. ``models: [g]`` for a GAN generator).
+
+    ``buffers``: ``"average"`` (default) averages floating-point buffers (BN running statistics) with the
+    same decay, as StudioGAN's ``Ema``; ``"copy"`` copies them (``EmaStylegan2``). See :class:`cmgen.engine.EMA`.
+    """
 
     models: list[str] = field(default_factory=list)
     decay: float = 0.999
     start_step: int = 0
+    buffers: Literal["average", "copy"] = "average"
 
 
 @dataclass

@@ -62,3 +62,23 @@ def test_copy_mode_and_validation():
     other = EMA(_model())
     other.load_state_dict(state)
     assert other.buffers == "copy" and other.decay == 0.5
+
+
+@pytest.mark.parametrize("mode", ["average", "copy"])
+def test_config_ema_buffers_reaches_the_trainer(tmp_path, mode):
+    """``ema.buffers`` in a config decides what the engine's EMA does with a float buffer (the toy head's
+    queue, written every step): copied exactly, or averaged (then it differs from the live queue)."""
+    from cmgen.engine import load_config, load_ema_state
+    from cmgen.engine.checkpoint import load_model_state
+    from cmgen.engine.trainer import train
+    from tests.test_engine import ROOT
+    cfg = load_config(ROOT / "configs" / "toy" / "synthetic.yaml",
+                      [f"run.output_dir={tmp_path}", "run.name=t", "train.max_steps=6", "train.checkpoint_every=6",
+                       "train.sample_every=0", "train.eval_every=0", "train.progress_bar=false", "ema.models=[head]",
+                       "ema.decay=0.5", "ema.start_step=2", f"ema.buffers={mode}"])
+    assert cfg.ema.buffers == mode
+    ckpt = train(cfg).checkpoint
+    live, ema = load_model_state(ckpt, "head"), load_ema_state(ckpt, "head")
+    assert torch.equal(ema["ptr"], live["ptr"]) and torch.equal(ema["ages"], live["ages"])   # integers: copied
+    assert live["queue"].abs().sum() > 0
+    assert torch.equal(ema["queue"], live["queue"]) == (mode == "copy")

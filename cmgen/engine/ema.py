@@ -20,8 +20,10 @@ class EMA:
     other integer buffers, as StudioGAN's ``Ema.update`` (``src/utils/ema.py`` at commit
     947b35e9835b67860fdce44d337f6d7fee7c8db3: ``b.lerp(b_ema, decay)`` for every buffer whose name
     does not contain ``num_batches_tracked``); ``buffers="copy"`` copies every buffer (StudioGAN's
-    ``EmaStylegan2``). ``module`` is the averaged model, in eval mode and
-    without gradients; ``state_dict()`` holds it, so it survives a resume.
+    ``EmaStylegan2``, same file). In a config: ``ema.buffers: average | copy``
+    (:class:`cmgen.config.EMAConfig`; default ``average``, StudioGAN's for its GANs; a resume refuses a
+    changed value). ``module`` is the averaged model, in eval mode and without gradients;
+    ``state_dict()`` holds it, so it survives a resume.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, start_step: int = 0, buffers: str = "average"):

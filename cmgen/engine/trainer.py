@@ -211,7 +211,8 @@ class _Trainer:
         for n in cfg.ema.models:
             if n not in models:
                 raise ValueError(f"ema.models names {n!r}, but the method's models are {list(models)}")
-        self.ema = {n: EMA(acc.unwrap_model(self.models[n]), cfg.ema.decay, cfg.ema.start_step).to(acc.device)
+        self.ema = {n: EMA(acc.unwrap_model(self.models[n]), cfg.ema.decay, cfg.ema.start_step,
+                         cfg.ema.buffers).to(acc.device)
                     for n in cfg.ema.models}
         if cfg.train.compile:
             # In place (nn.Module.compile): DDP wrappers, EMA copies and state-dict keys are unchanged.
