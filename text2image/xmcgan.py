@@ -61,7 +61,7 @@ from text2image.text_encoder import TextEncoder, TextFeatureCache
 __all__ = ["glorot_normal_", "word_attention", "ConditionalBatchNorm", "SpatialBatchNorm", "GenBlock",
            "XMCGenerator", "XMCDiscriminator", "XMCDOutput", "G_ARCH", "D_ARCH", "PretrainedImageEncoder",
            "TextCondition", "XMCImageEncoderConfig", "XMCGANModelConfig", "XMCTextConfig", "XMCDataConfig",
-           "XMCGANConfig", "XMCGANMethod", "demo_stage"]
+           "XMCGANConfig", "XMCGANMethod"]
 
 # Official layouts (xmc_net.py): G channel multipliers of gf per up block from 4x4; D (multiplier of df,
 # downsample) per DiscBlock after the optimized block. 32 and 64 px are this project's small sizes (not
