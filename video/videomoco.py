@@ -61,6 +61,17 @@ Where this differs from the official code:
   :func:`cmgen.distributed.batch_shuffle` is the identity (there is nothing to shuffle across), so a
   single-process run's key encoder normalises its batch with its own statistics and the leak shuffle-BN
   guards against is not prevented (the official code does not run without DDP at all).
+- Gradient accumulation (``train.grad_accum = n``, micro-batches of B/n; the official code has none):
+  the momentum update runs on the first micro-batch and the keys of all n micro-batches are enqueued
+  together after the last, so every micro-batch sees the key encoder, negatives and ages of the step
+  and the queue advances once per step by B keys. With the ``"official"`` objective
+  (one update of each model from the summed gradients) the step then equals one step on the whole
+  batch, except that BatchNorm normalises each micro-batch with its own statistics (as any
+  accumulation does); with BN in eval mode it is exact (``tests/test_videomoco.py``). ``"l1"`` and
+  ``"maximize_d"`` update D before G inside a step, so there G's gradient of micro-batches 1..n-1 goes
+  through the not yet updated D: an approximation, as for every D-then-G step (``cmgen.engine.method``).
+  On several processes the enqueued keys are ordered by micro-batch, then by rank (the order of the
+  engine's global micro-batches).
 - ``train.py`` backpropagates twice through one DDP forward (``loss_g`` with ``retain_graph``, then
   ``loss_d``). Done that way with current PyTorch, DDP all-reduces only the first backward and the
   ranks drift apart (seen in a 2-process run of an earlier version of this step). Here the same
@@ -421,6 +432,7 @@ class VideoMoCoMethod(Method):
         self.gpu_augment: VideoMoCoAugment | None = None
         self.skips: SkipReport | None = None
         self._videos: Dataset | None = None
+        self._step_keys: list[torch.Tensor] = []          # keys of this step's micro-batches, enqueued after the last
         p = cfg.protocol
         if p.epochs is not None:
             self._videos = self._train_videos()
@@ -514,11 +526,18 @@ class VideoMoCoMethod(Method):
                 aug = self.gpu_augment.to(im_q.device)
                 im_q, im_k = aug(im_q), aug(im_k)
         adversarial = step >= m.adversarial_start_step
+        # Gradient accumulation (train.grad_accum micro-batches per step): the momentum update happens on
+        # the first micro-batch and the step's keys are enqueued together after the last one, so every
+        # micro-batch of a step sees the key encoder, negatives and ages of one step on their
+        # concatenation (see the module docstring).
+        first = not self._step_keys
+        last = getattr(ctx, "sync_gradients", True)
 
         # Keys (MoCo Alg. 1): momentum update, then the key encoder on a batch shuffled across ranks,
         # so BN statistics cannot give the positive pair away (shuffle-BN; identity in one process).
         with torch.no_grad():
-            moco.momentum_update()
+            if first:
+                moco.momentum_update()
             shuffled, idx_unshuffle = batch_shuffle(im_k)
             k = batch_unshuffle(moco.key(shuffled), idx_unshuffle)   # (B, dim)
         negatives, weights = moco.negatives()                         # (K, dim), (K,) before this step's enqueue
@@ -567,7 +586,10 @@ class VideoMoCoMethod(Method):
             ctx.backward(loss_g)
             ctx.step("g")
 
-        moco.queue.enqueue(gather_no_grad(k))
+        self._step_keys.append(gather_no_grad(k))
+        if last:
+            moco.queue.enqueue(torch.cat(self._step_keys))
+            self._step_keys = []
         out = {"loss_d": loss_d, "loss_g": loss_g}
         if self.skips is not None:                                    # all workers and ranks, see SkipReport
             out["data/skipped"] = torch.tensor(float(self.skips.update(step, getattr(ctx, "is_main_process", True))),
