@@ -53,7 +53,7 @@ from .datasets import HMDB51, MovingDigitsSpec, SkipReport, UCF101, collate, str
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ClipTransform", "RepeatVideos", "ActionClassifier",
            "load_pretrained_encoder", "FinetuneDataConfig", "FinetuneModelConfig", "FinetuneProtocolConfig",
-           "FinetuneConfig", "FinetuneMethod", "build_action_dataset", "finetune_splits"]
+           "FinetuneConfig", "FinetuneMethod", "build_action_dataset", "finetune_splits", "demo_stage"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # eval.py NormalizeVideo / moco/loader.py MoCoAugment
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -482,6 +482,13 @@ def finetune_splits(config: str | os.PathLike, overrides: Sequence[str] = (), sp
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def demo_stage(out, report: list[str], summary: dict, budget_s: float) -> None:
+    """``cmgen demo``'s VideoMoCo section: VideoMoCo vs plain MoCo vs random init, probes and fine-tunes
+    on moving digits (:func:`video.video_demo.demo_stage`)."""
+    from .video_demo import demo_stage as stage
+    stage(out, report, summary, budget_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
