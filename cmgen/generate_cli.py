@@ -190,7 +190,8 @@ def _load_from_checkpoint(ckpt: Path, device: torch.device, use_ema: bool) -> Lo
 
     cfg = load_config(ckpt / "config.yaml")
     method = resolve_method(cfg.method)(cfg)
-    models = method.build_models(cfg)
+    with quiet_progress_bars():     # a text encoder loads from its local folder here
+        models = method.build_models(cfg)
     if "g" not in models:
         raise ValueError(f"method {cfg.method!r} of {ckpt} has no generator model 'g' (models: {list(models)})")
     g = models["g"]
