@@ -63,6 +63,7 @@ def test_config_is_the_official_one(name):
         assert opt.eps == o["adam_eps"] and opt.weight_decay == 0.0
     assert cfg.schedule.kind == "constant"
     assert cfg.ema.models == ["g"] and cfg.ema.decay == o["polyak_decay"] and cfg.ema.start_step == 0
+    assert cfg.ema.buffers == "copy"           # EMA of the parameters only; sampling uses G's live batch stats
     assert cfg.gan.track_g_bn_in_d_steps is False
     m = cfg.model
     assert (m.image_size, m.gf_dim, m.df_dim, m.z_dim, m.cond_size) == (size, o["gf_dim"], o["df_dim"], o["z_dim"],
