@@ -292,7 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     parser.add_argument("--out", type=Path, default=None, help="write one grid PNG here (default: samples.png)")
     parser.add_argument("--out-dir", type=Path, default=None, help="write one PNG per image into this folder")
-    parser.add_argument("--nrow", type=int, default=None, help="grid columns (default: sqrt(n))")
+    parser.add_argument("--nrow", type=int, default=None,
+                        help="grid columns (default: one column per --prompt when several are given, else sqrt(n))")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--which", choices=("latest", "best"), default="latest",
                         help="checkpoint of a run directory (default: %(default)s)")
@@ -323,7 +324,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None or args.out_dir is not None else Path("samples.png")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        vutils.save_image(images, out, nrow=args.nrow or int(math.ceil(math.sqrt(len(images)))), padding=2)
+        # the prompts cycle over the images, so with one column per prompt each column is one caption
+        nrow = args.nrow or (len(args.prompt) if args.prompt and len(args.prompt) > 1
+                             else int(math.ceil(math.sqrt(len(images)))))
+        vutils.save_image(images, out, nrow=nrow, padding=2)
         print(f"wrote {out} ({len(images)} images, seed {args.seed}, from {lg.source.get('checkpoint', args.source)})")
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -183,7 +183,8 @@ def test_xmcgan_export_is_the_pipeline_folder(tiny_xmcgan_run, tmp_path, capsys)
     assert main(["generate", str(exported), *argv, "--out", str(g1)]) == 0
     assert main(["generate", str(tiny_xmcgan_run), *argv, "--out", str(g2)]) == 0
     a, b = np.asarray(Image.open(g1)), np.asarray(Image.open(g2))
-    assert a.shape == (2 + 3 * 34, 2 + 3 * 34, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    # one column per prompt: 4 rows x 2 columns of 32 px images with 2 px padding
+    assert a.shape == (2 + 4 * 34, 2 + 2 * 34, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
     capsys.readouterr()
     assert main(["generate", str(exported), "--n", "2", "--out", str(g1)]) == 2
     # the error is one line (transformers may warn above it that the random test encoder has no pooler)
