@@ -176,7 +176,9 @@ def test_unexpected_value_errors_are_one_line_with_a_debug_hint(monkeypatch, cap
 GLOO_TIMEOUTS = ["[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out "
                  "waiting 5000ms for send operation to complete",
                  "Application timeout caused pair closure",
-                 "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4212",
+                 "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4212. "
+                 "This is typically caused by a remote worker crashing. Check the logs of the remote worker before "
+                 "reporting an error. GLHF!",
                  "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE)"]
 
 
@@ -188,6 +190,7 @@ def test_collective_failures_are_recognised_in_the_backends_words(words):
     line = collective_message(RuntimeError(words), 5.0, 1, 4, 7, [2, 3])
     assert line.startswith("[rank 1 of 4] after 7 completed step(s): ") and "train.collective_timeout_s=5 s" in line
     assert "rank(s) 2, 3 had not started this step" in line and ".cc:" not in line
+    assert "GLHF" not in line and line.count(". ") == 1, line   # the backend's first sentence only, then ours
     assert ("dropped its connection" in line) == ("closed by peer" in words), line
 
 

@@ -115,6 +115,17 @@ def test_hung_rank_fails_the_others_after_the_collective_timeout(tmp_path):
     assert not re.search(r"\[rank\d\]:|File \".*/cmgen/", run.output), run.output[-3000:]
 
 
+def test_killed_rank_without_an_agent_the_survivor_stops_with_one_line(tmp_path):
+    # srun-style ranks: nobody stops rank 0 for us, and the collective timeout exceeds the harness limit.
+    rank0, rank1 = launch_ranks(TOY_CONFIG, TOY_DIST + ["train.collective_timeout_s=900"], out_dir=tmp_path,
+                                name="killed", dump=True, fault="kill:1:3", timeout=240)
+    assert rank1.returncode == -9 and rank0.returncode == 1, (rank0.output[-2000:], rank1.returncode)
+    errors = [line for line in rank0.output.splitlines() if line.startswith("cmgen: error:")]
+    assert len(errors) == 1 and errors[0].startswith("cmgen: error: [rank 0 of 2] after 3 completed step(s): "), \
+        rank0.output[-3000:]
+    assert "train.collective_timeout_s=900 s" in errors[0] and "Traceback" not in rank0.output, rank0.output[-3000:]
+
+
 def test_failed_checkpoint_write_on_rank_0_stops_every_rank_with_the_error(tmp_path):
     # Each rank its own process (as srun starts them): no agent stops rank 1 when rank 0 fails, and the
     # collective timeout is longer than the harness allows, so rank 1 must learn of the failure itself.

@@ -4,7 +4,8 @@ Every collective is bounded by ``train.collective_timeout_s`` (the process-group
 hangs past it or dies, gloo raises a plain ``RuntimeError`` deep inside DDP or an all-reduce; the engine
 turns it into :class:`cmgen.errors.CollectiveError`, one line naming this rank, the step, the backend's
 words, the setting, and the ranks that had not started this rank's step (from :class:`StepBeacon`).
-``--debug`` shows the original traceback (the error's ``__cause__``).
+``--debug`` shows the original traceback (the error's ``__cause__``). Tested with gloo; under NCCL a hung
+peer may instead be caught by NCCL's watchdog, which aborts the process itself (its own message).
 
 :func:`agree` lets ranks decide together after work that may fail on some of them (a checkpoint write):
 each contributes ``None`` or its reason, every rank gets the full list, so no rank is left waiting in
@@ -45,18 +46,22 @@ def collective_message(err: BaseException, timeout_s: float, rank: int, world: i
     """
     detail = " ".join(str(err).split())
     detail = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", detail)   # gloo's "[/__w/.../pair.cc:534] "
+    detail = re.split(r"(?<=\.)\s", detail, maxsplit=1)[0]              # its first sentence ("... GLHF!" goes)
+    detail = detail if detail.endswith((".", "!", "?")) else detail + "."
     if is_timeout(err):
         what = (f"another process did not take part in a collective operation within "
                 f"train.collective_timeout_s={timeout_s:g} s (it hung, or is still busy)")
+        advice = ("if a step, evaluation or checkpoint legitimately takes longer on one rank, raise "
+                  "train.collective_timeout_s")
     else:
         what = (f"a collective operation failed: another process dropped its connection (it exited or was killed; "
                 f"train.collective_timeout_s={timeout_s:g} s bounds the wait)")
+        advice = "resume=latest continues from the last checkpoint"
     if behind:
         what += f"; rank(s) {', '.join(map(str, behind))} had not started this step"
     where = f"after {step} completed step(s)" if step is not None else "during setup"
-    return (f"[rank {rank} of {world}] {where}: {what}; {type(err).__name__}: {detail}. The other ranks' output "
-            f"says what happened to them; if a step, evaluation or checkpoint legitimately takes longer on one "
-            f"rank, raise train.collective_timeout_s")
+    return (f"[rank {rank} of {world}] {where}: {what}; {type(err).__name__}: {detail} The other ranks' output "
+            f"says what happened to them; {advice}")
 
 
 class StepBeacon:
