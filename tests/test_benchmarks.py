@@ -236,3 +236,56 @@ def test_id_list_errors(tmp_path):
     (tmp_path / "e.txt").write_text("\n\n")
     with pytest.raises(BenchmarkError, match="e.txt: no video ids"):
         read_id_list(tmp_path / "e.txt")
+
+
+# ------------------------------------------------------------------ tiny folders for the config smoke runs
+
+@pytest.mark.parametrize("name,train,test,captions", [("msrvtt", "msrvtt-train", "msrvtt-1ka", 1),
+                                                      ("msvd", "msvd", "msvd", 40), ("vatex", "vatex", "vatex", 10),
+                                                      ("anet", "anet", "anet", 1)])
+def test_tiny_benchmarks_are_written_in_the_real_formats(tmp_path, name, train, test, captions):
+    from evaluation.benchmarks.tiny import write_tiny_benchmark
+
+    root = write_tiny_benchmark(tmp_path / name, name, features="features/x", num_train=6, num_test=4, num_val=2)
+    feats = open_features(root / "features" / "x")
+    tr, te = load_benchmark(train, root, split="train"), load_benchmark(test, root, split="test")
+    assert te.num_videos == 4 and te.num_texts == 4 * captions and not set(tr.video_ids) & set(te.video_ids)
+    assert tr.num_videos == (8 if name == "msrvtt" else 6)          # MSR-VTT's 9k csv lists train + val
+    for split in (tr, te):
+        assert check_complete(split, feats) is split
+        x = feats[split.video_ids[0]]
+        assert x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == 16
+    # the raw files are the real layouts, not something only this package reads
+    if name == "msrvtt":
+        data = json.loads((root / "MSRVTT_data.json").read_text())
+        assert {"video_id", "split", "start time", "end time"} <= set(data["videos"][0])
+        assert {v["split"] for v in data["videos"]} == {"train", "validate", "test"}
+    elif name == "msvd":
+        raw = pickle.loads((root / "raw-captions.pkl").read_bytes())
+        assert all(isinstance(c, list) and all(isinstance(t, str) for t in c) for caps in raw.values() for c in caps)
+    elif name == "vatex":
+        recs = json.loads((root / "vatex_data.json").read_text())
+        assert isinstance(recs, list) and {"videoID", "enCap", "chCap"} <= set(recs[0]) and len(recs[0]["enCap"]) == 10
+    else:
+        val = json.loads((root / "val_1.json").read_text())
+        rec = next(iter(val.values()))
+        assert te.paragraph and len(rec["timestamps"]) == len(rec["sentences"]) and rec["duration"] > 0
+    # the same seed writes the same folder
+    again = write_tiny_benchmark(tmp_path / "again", name, features="features/x", num_train=6, num_test=4, num_val=2)
+    assert load_benchmark(test, again, split="test").texts == te.texts
+    with pytest.raises(ValueError, match="benchmark must be one of"):
+        write_tiny_benchmark(tmp_path / "bad", "didemo2")
+
+
+def test_prepare_tiny_benchmark_writes_once_under_cmgen_data(tmp_path, monkeypatch):
+    from evaluation.benchmarks.tiny import prepare_tiny_benchmark
+
+    monkeypatch.setenv("CMGEN_DATA", str(tmp_path))
+    root = prepare_tiny_benchmark("msvd", "features/msvd")
+    assert root.parent == tmp_path and root.name.startswith("tiny-msvd-") and (root / "raw-captions.pkl").is_file()
+    stamp = (root / "test_list.txt").stat().st_mtime_ns
+    assert prepare_tiny_benchmark("msvd", "features/msvd") == root and (root / "test_list.txt").stat().st_mtime_ns == stamp
+    assert prepare_tiny_benchmark("msvd", "feats") != root                  # other settings, other folder
+    assert not list(tmp_path.glob("*.tmp-*"))
+    with pytest.raises(ValueError, match="inside the tiny benchmark"):
+        prepare_tiny_benchmark("msvd", "../elsewhere")

@@ -205,3 +205,101 @@ def test_train_then_cli_evaluates_the_checkpoint(tmp_path, capsys):
                  str(emb), "--out", str(tmp_path / "again.json")]) == 0
     assert json.loads((tmp_path / "again.json").read_text())["metrics"] == report["metrics"]
     assert "**MSR-VTT 1k-A**" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- support set across processes
+@pytest.mark.parametrize("variant", ["identity", "full", "hybrid", "cross"])
+def test_support_attention_over_a_gathered_batch_equals_the_global_batch(variant):
+    """Each of W = 2 "processes" attends with its own rows over the gathered batch (its rows at offset
+    rank * B): together they give the global batch's result, memory included; a wrong offset does not."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(8, 4, generator=g) for _ in range(3))
+    mk, mv, index, mem_index = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g), torch.arange(8), \
+        torch.tensor([1, 6, 9])
+    want, _ = support_attention(q, k, v, variant, 0.2, mk, mv, index, mem_index)
+    halves = [support_attention(q[r * 4:(r + 1) * 4], k, v, variant, 0.2, mk, mv, index[r * 4:(r + 1) * 4], mem_index,
+                                offset=r * 4) for r in range(2)]
+    torch.testing.assert_close(torch.cat([h[0] for h in halves]), want)
+    assert halves[1][1].shape == (4, 8 + 3) and torch.allclose(halves[1][1].sum(1), torch.ones(4))
+    if variant in ("identity", "hybrid", "cross"):   # these depend on which column is i's own
+        wrong, _ = support_attention(q[4:], k, v, variant, 0.2, mk, mv, index[4:], mem_index, offset=0)
+        assert not torch.allclose(wrong, want[4:])
+    with pytest.raises(ValueError, match="offset"):
+        support_attention(q[4:], k, v, variant, 0.2, offset=5)
+
+
+def _tiny_msrvtt_overrides(out_dir, name):
+    return ["data.root=null", "data.tiny_benchmark=msrvtt", "data.eval_benchmark=null", "model.text_encoder=tiny",
+            "model.text_trainable=false", "model.dropout=0", "model.max_chunks=4", "model.max_tokens=6",
+            "model.dim=16", "model.temporal_width=16", "model.temporal_layers=1", "model.decoder_d_model=16",
+            "model.decoder_layers=1", "model.support_gather=true", "train.batch_size=8", "train.num_workers=0",
+            "train.max_steps=3", "train.checkpoint_every=0", "schedule.warmup_steps=1", "optim.name=sgd", "optim.lr=0.1",
+            f"run.output_dir={out_dir}", f"run.name={name}"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_support_gather_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    """model.support_gather=true: 2 gloo processes x 4 samples train exactly as 1 process x 8 (the cross
+    support set of each sample is the other 7 of the global batch, gradient through the gather). Every
+    caption is cut to max_tokens, so each process's caption loss averages as many tokens and the
+    mean over processes is the global mean. (Checked by hand: support_gather=false fails this.)"""
+    import os
+    from pathlib import Path
+
+    from cmgen.engine.probe import DUMP_ENV
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import train
+    from tests.multiproc import QUIET, assert_finite_losses, assert_ranks_agree, assert_states_close, launch, \
+        read_dumps
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "supportset" / "msrvtt.yaml")
+    overrides = _tiny_msrvtt_overrides(tmp_path, "one")[:-2]
+    two = launch(config, overrides, out_dir=tmp_path, name="two", dump=True, timeout=300).check()
+    saved = os.environ.get(DUMP_ENV)
+    os.environ[DUMP_ENV] = str(tmp_path / "one-dump")
+    try:
+        train(load_config(config, [*QUIET, *_tiny_msrvtt_overrides(tmp_path, "one")]))
+    finally:
+        if saved is None:
+            os.environ.pop(DUMP_ENV)
+        else:
+            os.environ[DUMP_ENV] = saved
+    dumps, one = read_dumps(two.dump_dir), read_dumps(tmp_path / "one-dump")[0]
+    assert sorted(dumps[0]) == [1, 2, 3]
+    assert_finite_losses(dumps)
+    assert_ranks_agree(dumps)
+    for step in (1, 2, 3):
+        assert one[step]["world_size"] == 1 and dumps[0][step]["world_size"] == 2
+        assert_states_close(one[step]["models"], dumps[0][step]["models"], f"step {step}, 1 vs 2 processes",
+                            rtol=1e-5, atol=1e-6)
+        for term in ("loss_caption", "loss_contrastive"):
+            mean = (dumps[0][step]["losses"][term] + dumps[1][step]["losses"][term]) / 2
+            assert abs(mean - one[step]["losses"][term]) <= 1e-5 * abs(one[step]["losses"][term]), (step, term)
+
+
+@pytest.mark.parametrize("config,benchmark,marker", [("msrvtt", "msrvtt-1ka", "MSRVTT_JSFUSION_test.csv"),
+                                                     ("msvd", "msvd", "raw-captions.pkl"),
+                                                     ("vatex", "vatex", "vatex_data.json"),
+                                                     ("activitynet", "anet", "val_1.json")])
+def test_paper_config_smoke_runs_read_a_tiny_folder_in_the_real_format(config, benchmark, marker):
+    """The ``# smoke:`` lines of the paper configs keep their benchmark readers and feature input: the
+    smoke run (tests/test_configs_smoke.py) trains on a tiny folder in that benchmark's own format."""
+    from pathlib import Path
+
+    from cmgen.engine.registry import load_config
+    from tests.test_configs_smoke import smoke_overrides
+    from video.supportset import SupportSetMethod
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "supportset" / f"{config}.yaml"
+    cfg = load_config(path, smoke_overrides(path))
+    assert cfg.model.video_input == "features" and cfg.data.eval_benchmark == benchmark
+    method = SupportSetMethod(cfg)
+    root = method._data_root()
+    assert (root / marker).is_file() and (root / cfg.data.features).is_dir()
+    data = method.build_dataset(cfg)
+    assert data.split.benchmark == cfg.data.train_benchmark and len(data) >= cfg.train.batch_size
+    item = data[0]
+    assert item["video"].shape == (cfg.model.max_chunks, 16) and isinstance(item["caption"], str)
+    test = method._eval_data()
+    assert test.benchmark == benchmark and test.num_videos == 8

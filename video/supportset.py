@@ -30,7 +30,12 @@ against the paper; each is an option, and its default is a choice made here, not
   and the full support set);
 - temperature T = ``attention_temperature`` (default 0.1), lambda = ``caption_weight`` (default 1),
   ranking margin 0.2 (VSE++'s value), D, the temporal transformer and the decoder sizes;
-- the support set is this process's batch (plus the memory), not gathered across processes;
+- the support set is this process's batch (plus the memory) by default; ``support_gather=True`` draws
+  it from the batch gathered from all processes instead (``cmgen.distributed.gather_with_grad``: the
+  forward all-gathers the (B, D) video embeddings, the backward all-reduces their gradient and keeps
+  this process's rows, which under DDP's gradient averaging is the exact gradient, so W processes of
+  B samples train as 1 process of W * B; cost: one all-gather and one all-reduce of (W * B, D) per
+  step); the caption loss stays a mean over this process's captions;
 - the decoder reads e_bar_i as ``decoder_memory_tokens`` tokens of cross-attention memory (a linear
   map of e_bar_i); the paper names a T5-style encoder-decoder, the text side here uses the packaged
   MiniLM offline (``text_encoder: minilm``) or any local transformers path (T5 encoders included).
@@ -61,7 +66,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cmgen.config import ExperimentConfig
-from cmgen.distributed import gather_no_grad
+from cmgen.distributed import gather_no_grad, gather_with_grad, rank
 from cmgen.engine.method import Method, StepContext
 from cmgen.losses import InfoNCE, MaxMarginRanking
 
@@ -81,39 +86,43 @@ VARIANTS = ("identity", "full", "hybrid", "cross")
 def support_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, variant: str,
                       temperature: float, memory_keys: torch.Tensor | None = None,
                       memory_values: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                      memory_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      memory_index: torch.Tensor | None = None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """e_bar_i = sum_{j in S_i} softmax_j(<q_i, k_j> / T) v_j over the support set of ``variant``.
 
-    Shapes: query, keys (B, D); values (B, Dv); memory_keys (M, D), memory_values (M, Dv) appended to
-    every support set (``identity`` ignores them); ``index`` (B,) / ``memory_index`` (M,) video ids:
-    ``cross`` also drops memory entries of the same video as i (a stale copy of i is still i).
+    Shapes: query (B, D); keys (N, D), values (N, Dv): the batch the support set is drawn from, with
+    query row i's own video at row ``offset + i`` (N = B, offset 0: this process's batch; N = W * B,
+    offset = rank * B: the batch gathered from W processes). memory_keys (M, D), memory_values (M, Dv)
+    are appended to every support set (``identity`` ignores them); ``index`` (B,) / ``memory_index``
+    (M,) video ids: ``cross`` also drops memory entries of the same video as i (a stale copy of i is
+    still i).
 
-    Returns ``(e_bar (B, Dv), weights (B, B + M))``; row i of ``weights`` sums to 1 over S_i
+    Returns ``(e_bar (B, Dv), weights (B, N + M))``; row i of ``weights`` sums to 1 over S_i
     (for ``hybrid`` the identity half is not in ``weights``).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    b = query.shape[0]
-    if keys.shape[0] != b or values.shape[0] != b:
-        raise ValueError(f"query, keys and values need the same batch size, got {query.shape[0]}, "
-                         f"{keys.shape[0]}, {values.shape[0]}")
+    b, n = query.shape[0], keys.shape[0]
+    if values.shape[0] != n or not 0 <= offset <= n - b:
+        raise ValueError(f"keys and values need the same rows N and query's B rows must sit at offset..offset+B "
+                         f"of them; got B={b}, keys {keys.shape[0]}, values {values.shape[0]}, offset={offset}")
+    own = torch.arange(b, device=query.device) + offset                  # column of i's own video
     m = 0 if memory_keys is None else memory_keys.shape[0]
     if variant == "identity":
-        weights = torch.zeros(b, b + m, dtype=values.dtype, device=values.device)
-        weights[:, :b] = torch.eye(b, dtype=values.dtype, device=values.device)
-        return values, weights
+        weights = torch.zeros(b, n + m, dtype=values.dtype, device=values.device)
+        weights[torch.arange(b, device=values.device), own] = 1.0
+        return values[offset:offset + b], weights
     all_keys, all_values = keys, values
     if m:
         all_keys = torch.cat([keys, memory_keys.to(keys.dtype)])
         all_values = torch.cat([values, memory_values.to(values.dtype)])
-    logits = query @ all_keys.T / temperature                            # (B, B + M)
+    logits = query @ all_keys.T / temperature                            # (B, N + M)
     if variant == "cross":
         exclude = torch.zeros_like(logits, dtype=torch.bool)
-        exclude[:, :b] = torch.eye(b, dtype=torch.bool, device=logits.device)
+        exclude[torch.arange(b, device=logits.device), own] = True
         if m and index is not None and memory_index is not None:
-            exclude[:, b:] = index.to(logits.device)[:, None] == memory_index.to(logits.device)[None, :]
+            exclude[:, n:] = index.to(logits.device)[:, None] == memory_index.to(logits.device)[None, :]
         if bool(exclude.all(1).any()):
             raise ValueError("the cross support set of some sample is empty (batch of 1 without memory, or "
                              "only copies of itself in the memory)")
@@ -121,7 +130,7 @@ def support_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     weights = logits.softmax(dim=1)
     mixed = weights @ all_values                                         # (B, Dv)
     if variant == "hybrid":
-        mixed = 0.5 * (values + mixed)
+        mixed = 0.5 * (values[offset:offset + b] + mixed)
     return mixed, weights
 
 
@@ -342,11 +351,15 @@ class SupportSetModel(nn.Module):
         out = {"loss_contrastive": self.contrastive(s, e), "video_emb": e}
         if self.decoder is not None:
             mem_keys, mem_index = self._memory()
-            values = self.value_proj(e)
+            # support_gather: the support set is the global batch of all processes (exact gradient
+            # through the gather, so W processes compute what 1 process does on the global batch)
+            keys = gather_with_grad(e, check_sizes=True) if m.support_gather else e
+            offset = rank() * e.shape[0] if m.support_gather else 0
+            values = self.value_proj(keys)
             mem_values = None if mem_keys is None else self.value_proj(mem_keys)
             query = e if m.attention_query == "video" else s
-            e_bar, _ = support_attention(query, e, values, m.variant, m.attention_temperature, mem_keys, mem_values,
-                                         index, mem_index)
+            e_bar, _ = support_attention(query, keys, values, m.variant, m.attention_temperature, mem_keys, mem_values,
+                                         index, mem_index, offset=offset)
             out["loss_caption"] = self.decoder.loss(e_bar, self.caption_labels(captions, e.device))
             out["loss"] = out["loss_contrastive"] + m.caption_weight * out["loss_caption"]
         else:
@@ -449,6 +462,7 @@ class SupportSetModelConfig:
     gather_distributed: bool = True
     variant: Literal["identity", "full", "hybrid", "cross"] = "cross"
     support: Literal["batch", "memory"] = "batch"
+    support_gather: bool = False                                    # support set from every process's batch
     memory_size: int = 1024
     attention_query: Literal["video", "text"] = "video"            # reconstruction choice
     values: Literal["embedding", "projection"] = "embedding"        # reconstruction choice
@@ -478,6 +492,9 @@ class SupportSetDataConfig:
     size: int = 32
     cache: bool = True
     eval_max_videos: int = 0                                        # 0: the whole eval split
+    # smoke runs: with root null, a tiny folder in this benchmark's real format (msrvtt, msvd, vatex,
+    # anet) with pre-extracted features at data.features, written by evaluation.benchmarks.tiny
+    tiny_benchmark: Optional[str] = None
     # settings of the embedded data (cmgen.data.write_moving_digits)
     num_videos: int = 64
     frames: int = 16
@@ -520,7 +537,14 @@ class SupportSetMethod(Method):
     def _data_root(self) -> Path:
         if self._root is None:
             d = self.cfg.data
-            if d.root is None or str(d.root) == "":
+            if d.tiny_benchmark:
+                from evaluation.benchmarks.tiny import prepare_tiny_benchmark
+
+                if d.root not in (None, "") or not d.features:
+                    raise ValueError(f"data.tiny_benchmark={d.tiny_benchmark!r} needs data.root=null and a relative "
+                                     f"data.features folder, got root={d.root!r}, features={d.features!r}")
+                self._root = prepare_tiny_benchmark(d.tiny_benchmark, d.features, d.seed)
+            elif d.root is None or str(d.root) == "":
                 from cmgen.data import prepare_embedded_data
                 root = prepare_embedded_data(
                     d.root, "moving-digits", dict(num_videos=d.num_videos, num_frames=d.frames, size=d.frame_size,
