@@ -156,3 +156,18 @@ def test_packaged_minilm_encoder():
         want = g(z, *text.encode(PROMPTS))
     torch.testing.assert_close(_pt(pipe, PROMPTS), want)
     assert type(pipe.text_encoder).__name__ == "BertModel" and text.dim == 384
+
+
+def test_bf16_pipeline_close_to_float32():
+    """``pipe.to(torch.bfloat16)``: text features and z follow G's dtype; images come back as float32."""
+    text = _text()
+    g = _generator(text.dim)
+    pipe = XMCGANPipeline.from_text_encoder(g, text)
+    want = _pt(pipe, PROMPTS, seed=2)
+    pipe.to(torch.bfloat16)
+    try:
+        got = _pt(pipe, PROMPTS, seed=2)
+    finally:
+        pipe.to(torch.float32)
+    assert got.dtype == torch.float32 and pipe.generator.dtype == torch.float32
+    assert (got - want).abs().max() < 0.1 and not torch.equal(got, want)
