@@ -17,7 +17,7 @@ Three measurements, each through cmgen's own code (no re-implementation of a ste
    memory (out-of-memory is reported as such); seconds per fwd+bwd and peak GPU memory.
 
 Engine throughput comes from the engine's own ``steps_per_sec`` log records: the first ``--warmup``
-steps (cuDNN autotuning, allocator warm-up) form one log window that is discarded; the mean over the
+steps (CUDA context and cuDNN/cuBLAS handle creation, allocator warm-up) form one log window that is discarded; the mean over the
 following windows is reported. Each window ends on a device synchronisation (the logged loss means
 are read back to the host), and one epoch is longer than the whole run, so no epoch boundary falls
 inside a window. Peak GPU memory is ``max_memory_allocated`` after ``gc.collect`` + ``empty_cache`` +

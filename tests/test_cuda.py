@@ -57,18 +57,58 @@ class InfAtStep(ToyMethod):
     def train_step(self, batch, step, ctx):
         if step == self.INF_STEP:
             enc = ctx.models["enc"]
-            forward = enc.forward
+            # Accelerate's fp16 prepare puts an autocast forward on the instance: put back what was there.
+            own, forward = "forward" in vars(enc), enc.forward
             enc.forward = lambda x: _InfGrad.apply(forward(x))
             try:
                 return super().train_step(batch, step, ctx)
             finally:
-                del enc.forward
+                if own:
+                    enc.forward = forward
+                else:
+                    del enc.forward
         return super().train_step(batch, step, ctx)
 
 
 # ---------------------------------------------------------------------------------------------------
 # CPU: what the device options do without a GPU
 # ---------------------------------------------------------------------------------------------------
+def _tensors(batch) -> list[torch.Tensor]:
+    """Every tensor of a batch: a tensor, or dicts / lists / tuples of them (ImageFolder gives [images, labels])."""
+    if torch.is_tensor(batch):
+        return [batch]
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        return [t for part in batch for t in _tensors(part)]
+    return []
+
+
+def _copy_spy(monkeypatch) -> list[tuple[list[torch.Tensor], bool]]:
+    """Record ``(tensors of the batch, non_blocking)`` of every host-to-device batch copy of the engine."""
+    from cmgen.engine import trainer
+
+    copies = []
+    real = trainer.send_to_device
+
+    def spy(batch, device, non_blocking=False):
+        copies.append((_tensors(batch), non_blocking))
+        return real(batch, device, non_blocking=non_blocking)
+
+    monkeypatch.setattr(trainer, "send_to_device", spy)
+    return copies
+
+
+def test_batch_copies_are_non_blocking_and_the_spy_sees_every_tensor(tmp_path, monkeypatch):
+    # What test_cuda_tf32_channels_last_and_pinned_batches checks on a GPU, minus pinning: ContraGAN's
+    # batches are [images, labels] lists, not dicts.
+    copies = _copy_spy(monkeypatch)
+    train(load_config(CONTRAGAN, [f"run.output_dir={tmp_path}", "run.name=copy", *QUIET, "train.max_steps=1",
+                                  "gan.n_dis=1", "train.checkpoint_every=0"]))
+    assert copies and all(non_blocking for _, non_blocking in copies)
+    assert all([t.dim() for t in tensors] == [4, 1] for tensors, _ in copies), [[t.shape for t in c] for c, _ in copies]
+
+
 def test_skipped_fp16_updates_are_counted_per_optimizer():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     from accelerate.utils import DistributedType
@@ -218,16 +258,7 @@ def test_cuda_compile_inductor_matches_eager(tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_tf32_channels_last_and_pinned_batches(tmp_path, monkeypatch):
-    from cmgen.engine import trainer
-
-    pinned = []
-    real = trainer.send_to_device
-
-    def spy(batch, device, non_blocking=False):
-        pinned.append(all(t.is_pinned() for t in batch.values() if torch.is_tensor(t)) and non_blocking)
-        return real(batch, device, non_blocking=non_blocking)
-
-    monkeypatch.setattr(trainer, "send_to_device", spy)
+    copies = _copy_spy(monkeypatch)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         monkeypatch.setenv(DUMP_ENV, str(tmp_path / "dump"))
@@ -236,7 +267,9 @@ def test_cuda_tf32_channels_last_and_pinned_batches(tmp_path, monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    assert pinned and all(pinned)  # pin_memory defaults to on with CUDA; copies are non_blocking
+    # pin_memory defaults to on with CUDA; copies are non_blocking
+    assert copies and all(tensors and all(t.is_pinned() for t in tensors) and non_blocking
+                          for tensors, non_blocking in copies)
     record = read_dumps(tmp_path / "dump")[0][2]
     assert all(v == v for v in record["losses"].values())
     w = record["models"]["d"]
