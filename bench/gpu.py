@@ -17,15 +17,16 @@ Three measurements, each through cmgen's own code (no re-implementation of a ste
    memory (out-of-memory is reported as such); seconds per fwd+bwd and peak GPU memory.
 
 Engine throughput comes from the engine's own ``steps_per_sec`` log records: the first ``--warmup``
-steps (CUDA context and cuDNN/cuBLAS handle creation, allocator warm-up) form one log window that is discarded; the mean over the
-following windows is reported. Each window ends on a device synchronisation (the logged loss means
-are read back to the host), and one epoch is longer than the whole run, so no epoch boundary falls
-inside a window. Peak GPU memory is ``max_memory_allocated`` after ``gc.collect`` + ``empty_cache`` +
-``reset_peak_memory_stats`` at the start of each workload (``baseline_gpu_bytes``: what was still
-allocated then). The engine sets TF32 from ``train.tf32`` for the whole process, so the NT-Xent rows
-record the matmul TF32 flag they ran under. The report is rewritten after every workload, so a run cut
-short by scripts/gpu_check.sh's time limit still leaves the finished ones. ``--smoke`` runs tiny versions of all three on CPU in well under a
-minute (tests/test_bench_smoke.py), so the script is known to work before it meets a GPU.
+steps (CUDA context and cuDNN/cuBLAS handle creation, allocator warm-up) form one log window that is
+discarded; the mean over the following windows is reported. Each window ends on a device synchronisation
+(the logged loss means are read back to the host), and one epoch is longer than the whole run, so no
+epoch boundary falls inside a window. Peak GPU memory is ``max_memory_allocated`` after ``gc.collect`` +
+``empty_cache`` + ``reset_peak_memory_stats`` at the start of each workload (``baseline_gpu_bytes``:
+what was still allocated then). The engine sets TF32 from ``train.tf32`` for the whole process, so the
+NT-Xent rows record the matmul TF32 flag they ran under. The report is rewritten after every workload,
+so a run cut short by scripts/gpu_check.sh's time limit still leaves the finished ones. ``--smoke`` runs
+tiny versions of all three on CPU in well under a minute (tests/test_bench_smoke.py), so the script is
+known to work before it meets a GPU.
 
     python bench/gpu.py                       # on a GPU: writes bench/results/gpu.json and gpu.md
     python bench/gpu.py --smoke --out /tmp/x  # CPU, tiny settings

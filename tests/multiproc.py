@@ -37,7 +37,8 @@ import torch
 from cmgen.engine.probe import DUMP_ENV, FAULT_ENV
 
 __all__ = ["ROOT", "QUIET", "TOY_CONFIG", "TOY_DIST", "BN_STATS", "free_port", "torchrun", "start", "wait", "launch",
-           "Run", "launch_ranks", "read_dumps", "assert_ranks_agree", "assert_finite_losses", "assert_states_close", "state_diff"]
+           "Run", "launch_ranks", "read_dumps", "assert_ranks_agree", "assert_finite_losses", "assert_states_close",
+           "state_diff"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
