@@ -424,3 +424,58 @@ def test_contragan_reads_cifar_kind(tmp_path):
     assert method.num_classes == 10 and models["d"].num_classes == 10
     x, y = method.build_dataset(method.cfg)[0]
     assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def _sn_ratios(module):
+    """Per spectral-norm layer: stored sigma (u^T W v, what eval mode uses) / true largest singular value."""
+    out = []
+    for m in module.modules():
+        if hasattr(m, "parametrizations"):
+            p, w = m.parametrizations.weight[0], m.parametrizations.weight.original.detach().flatten(1)
+            out.append(float(torch.vdot(p._u, w @ p._v) / torch.linalg.matrix_norm(w, 2)))
+    return torch.tensor(out)
+
+
+def test_eval_refreshes_spectral_norm_of_averaged_weights():
+    """An EMA copy averages weights and u, v: in eval mode (no power iteration) sigma would be too small and
+    every layer amplified; Generator.eval() re-runs the power method on the current weights."""
+    torch.manual_seed(0)
+    g, other = tiny_g(), tiny_g()
+    with torch.no_grad():     # what EMA.update does: lerp parameters and buffers towards another model
+        for p, q in zip(g.parameters(), other.parameters()):
+            p.lerp_(q, 0.5)
+        for (name, b), (_, c) in zip(g.named_buffers(), other.named_buffers()):
+            if b.is_floating_point():
+                b.lerp_(c, 0.5)
+    stale = _sn_ratios(g)
+    assert stale.min() < 0.9                                   # averaged u, v underestimate sigma
+    g.eval()
+    assert _sn_ratios(g).min() > 0.97 and _sn_ratios(g).max() < 1.0 + 1e-4
+    z, y = torch.randn(4, Z), torch.tensor([0, 1, 2, 3])
+    a = g(z, y)
+    torch.testing.assert_close(g(z, y), a)                     # eval forwards do not move u, v
+    g.train()
+    assert g.training and all(m.training for m in g.modules())
+
+
+@pytest.mark.parametrize("mtd", ["PD", "W/O"])
+def test_projection_and_unconditional_baselines(tmp_path, mtd):
+    """d_cond_mtd=PD: logit = linear1(h) + <embedding(y), h> (StudioGAN big_resnet.py); no 2C terms."""
+    torch.manual_seed(0)
+    method = _method(tmp_path, d_cond_mtd=mtd)
+    d = method.build_models(method.cfg)["d"]
+    x = torch.randn(2, 3, S, S).repeat(2, 1, 1, 1)
+    y = torch.tensor([0, 1, 2, 3])
+    out = d(x, y)
+    plain = d.linear1(out.features).squeeze(1)
+    if mtd == "PD":
+        torch.testing.assert_close(out.logits, plain + (d.embedding(y) * out.features).sum(1))
+        assert not torch.allclose(out.logits[:2], out.logits[2:])          # the label changes the logit
+    else:
+        torch.testing.assert_close(out.logits, plain)
+        torch.testing.assert_close(out.logits[:2], out.logits[2:])
+        assert not hasattr(d, "embedding")
+    s = GANStep(0, "d", None, y, cond_fake=y, out_real=out, out_fake=out)
+    assert set(method.d_loss(s)) == {"d_adv"} and set(method.g_loss(s)) == {"g_adv"}
+    with pytest.raises(ValueError, match="d_cond_mtd"):
+        _method(tmp_path, d_cond_mtd="AC")

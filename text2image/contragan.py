@@ -19,6 +19,11 @@ Objective (paper Algorithm 1 / Eq. 8, as ``worker.py`` applies it):
 (with ``aux_cls_type = "ADC"`` StudioGAN would add fake terms to D; the ContraGAN configs do not.) The
 proxies get gradients only from D's loss: they are D parameters, frozen in the G step.
 
+Baselines of the same network (``model.d_cond_mtd``, StudioGAN's name): ``"PD"`` is BigGAN's projection
+discriminator, ``logit = linear1(h) + <embedding(y), h>`` with an SN class embedding of D's width
+(big_resnet.py ``d_cond_mtd == "PD"``; StudioGAN's BigGAN configs), and no 2C term; ``"W/O"`` is an
+unconditional D (logit = ``linear1(h)``, no 2C term), which leaves G's class input untrained.
+
 Faithfulness details, each behind an option where the paper and the code differ:
 
 - Layouts: :data:`G_LAYOUT` / :data:`D_LAYOUT` give each block's in/out channel multipliers (and D's
@@ -54,6 +59,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 from cmgen.losses import TwoC
 from text2image.gan import GANConfig, GANMethod, GANStep
@@ -61,7 +68,7 @@ from text2image.layers import DBlock, GBlock, SelfAttention, init_weights, sn_em
 
 __all__ = ["G_LAYOUT", "D_LAYOUT", "ContraGANModelConfig", "ClassImageDataConfig", "ShapesClassDataConfig",
            "ContraGANConfig", "DOutput", "Generator", "Discriminator", "ContraGANMethod", "draw_latents",
-           "build_class_image_dataset", "temperature_at"]
+           "build_class_image_dataset", "temperature_at", "refresh_spectral_norm"]
 
 # StudioGAN src/models/big_resnet.py (947b35e): per block, multipliers of g_conv_dim / d_conv_dim.
 # D's first block reads RGB ("in" None = 3 channels).
@@ -76,6 +83,32 @@ D_LAYOUT = {
     128: {"in": (None, 1, 2, 4, 8, 16), "out": (1, 2, 4, 8, 16, 16), "down": (True, True, True, True, True, False)},
 }
 _G_BOTTOM = 4  # bottom_collection: 4x4 at every size
+EVAL_POWER_ITERATIONS = 50
+
+
+@torch.no_grad()
+def refresh_spectral_norm(module: nn.Module, n_power_iterations: int = EVAL_POWER_ITERATIONS) -> nn.Module:
+    """Run ``n_power_iterations`` steps of the power method of every spectral-norm layer below ``module``
+    on its current weight, from its stored ``u``, ``v``, so that ``sigma = u^T W v`` in eval mode is the
+    largest singular value of THIS weight.
+
+    Why: an EMA copy averages the weights and (StudioGAN ``utils/ema.py``) the ``u``, ``v`` buffers; the
+    average of unit vectors is shorter than one and no singular vector of the averaged weight, so in eval
+    mode (no power iteration) sigma is underestimated and every layer is amplified. In a 500-step shapes
+    run the EMA generator's stored sigmas were 0.59-0.89 of the true ones and its samples saturated.
+    StudioGAN avoids this by sampling with every conv / linear / embedding in train mode
+    (``utils/misc.py`` ``GeneratorController.prepare_generator`` -> ``set_deterministic_op_trainable``): one
+    power iteration per sampling forward, which over an evaluation converges to what this gives once.
+    Returns ``module``.
+    """
+    for m in module.modules():
+        if not parametrize.is_parametrized(m, "weight"):
+            continue
+        weight = m.parametrizations["weight"].original
+        for p in m.parametrizations["weight"]:
+            if isinstance(p, _SpectralNorm) and weight.ndim > 1:
+                p._power_method(p._reshape_weight_to_matrix(weight), n_power_iterations)
+    return module
 
 
 def draw_latents(n: int, z_dim: int, latent: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -96,7 +129,8 @@ def _check_output_range(output_range: Sequence[float]) -> tuple[float, float]:
 
 class DOutput(NamedTuple):
     """Discriminator output. logits (B,); embeddings (B, E); proxies (B, E) = class embedding of each label;
-    features (B, C) = ReLU + sum-pooled last feature map."""
+    features (B, C) = ReLU + sum-pooled last feature map. With ``cond_mtd="PD"`` / ``"W/O"`` there is no 2C
+    head: embeddings = features and proxies = the projection embedding of y (PD) or features (W/O)."""
 
     logits: torch.Tensor
     embeddings: torch.Tensor
@@ -160,6 +194,16 @@ class Generator(ModelMixin, ConfigMixin):
         self.conv_out = snconv2d(out_ch, 3, 3, 1, 1, sn=sn)
         init_weights(self, init)
 
+    def train(self, mode: bool = True) -> "Generator":
+        """``eval()`` (``train(False)``) also refreshes the spectral-norm vectors on the current weights
+        (:func:`refresh_spectral_norm`): an EMA copy or loaded checkpoint then samples with the exact sigma
+        of its own weights, as StudioGAN's sampling does; within one eval session every forward uses the
+        same sigma, so samples do not depend on the batch size."""
+        super().train(mode)
+        if not mode:
+            refresh_spectral_norm(self)
+        return self
+
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(n, z_dim)`` noise from the configured prior, on CPU."""
         return draw_latents(n, self.z_dim, self.config.latent, generator)
@@ -191,13 +235,18 @@ class Discriminator(nn.Module):
         attention_at: resolution of the feature map after whose block self-attention runs (16 at 32 px =
             ``attn_d_loc [1]``), None for none.
         init: see :func:`text2image.layers.init_weights`.
+        cond_mtd: ``"2C"`` (ContraGAN: embedding head + proxies), ``"PD"`` (projection: the label enters the
+            logit) or ``"W/O"`` (unconditional); StudioGAN ``d_cond_mtd``.
 
     Shapes: images (B, 3, S, S), y (B,) int64 -> :class:`DOutput`.
     """
 
     def __init__(self, num_classes: int = 10, channels: int = 96, embed_dim: int = 512, image_size: int = 32,
-                 attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho"):
+                 attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho", cond_mtd: str = "2C"):
         super().__init__()
+        if cond_mtd not in ("2C", "PD", "W/O"):
+            raise ValueError(f"cond_mtd (model.d_cond_mtd) must be '2C', 'PD' or 'W/O', got {cond_mtd!r}")
+        self.cond_mtd = cond_mtd
         if image_size not in D_LAYOUT:
             raise ValueError(f"image_size must be one of {sorted(D_LAYOUT)}, got {image_size}")
         self.num_classes, self.image_size = num_classes, image_size
@@ -215,8 +264,11 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         out_ch = channels * layout["out"][-1]
         self.linear1 = snlinear(out_ch, 1, sn=sn)
-        self.linear2 = snlinear(out_ch, embed_dim, sn=sn)
-        self.embedding = sn_embedding(num_classes, embed_dim, sn=sn)
+        if cond_mtd == "2C":
+            self.linear2 = snlinear(out_ch, embed_dim, sn=sn)
+            self.embedding = sn_embedding(num_classes, embed_dim, sn=sn)
+        elif cond_mtd == "PD":
+            self.embedding = sn_embedding(num_classes, out_ch, sn=sn)
         init_weights(self, init)
 
     def forward(self, images: torch.Tensor, y: torch.Tensor) -> DOutput:
@@ -228,7 +280,13 @@ class Discriminator(nn.Module):
             if i == self.attention_index:
                 h = self.attention(h)
         h = F.relu(h).sum(dim=(2, 3))                                    # (B, C)
-        return DOutput(self.linear1(h).squeeze(1), self.linear2(h), self.embedding(y), h)
+        logits = self.linear1(h).squeeze(1)
+        if self.cond_mtd == "2C":
+            return DOutput(logits, self.linear2(h), self.embedding(y), h)
+        if self.cond_mtd == "PD":
+            proj = self.embedding(y)                                     # (B, C)
+            return DOutput(logits + (proj * h).sum(1), h, proj, h)
+        return DOutput(logits, h, h, h)
 
 
 def temperature_at(step: int, start: float, end: float, schedule: str, tempering_step: int, total: int) -> float:
@@ -259,6 +317,7 @@ class ContraGANModelConfig:
     sn_g: bool = True                     # apply_g_sn
     init: str = "ortho"                   # g_init = d_init (text2image.layers.init_weights)
     latent: Literal["normal", "uniform"] = "normal"   # z_prior
+    d_cond_mtd: Literal["2C", "PD", "W/O"] = "2C"   # PD / W/O: same-size baselines without the 2C term
     cond_lambda: float = 1.0              # lambda of the 2C terms
     temperature: float = 1.0              # t (start_temperature under a schedule)
     temperature_schedule: Literal["constant", "continuous", "discrete"] = "constant"
@@ -347,6 +406,8 @@ class ContraGANMethod(GANMethod):
         m = cfg.model
         if m.two_c_grad not in ("exact", "studiogan"):
             raise ValueError(f"model.two_c_grad must be 'exact' or 'studiogan', got {m.two_c_grad!r}")
+        if m.d_cond_mtd not in ("2C", "PD", "W/O"):
+            raise ValueError(f"model.d_cond_mtd must be '2C', 'PD' or 'W/O', got {m.d_cond_mtd!r}")
         temperature_at(0, m.temperature, m.end_temperature, m.temperature_schedule, m.tempering_step,
                        max(1, cfg.train.max_steps))  # validates the schedule settings
         self.two_c = TwoC(temperature=m.temperature, pos_collected_numerator=m.pos_collected_numerator,
@@ -365,7 +426,7 @@ class ContraGANMethod(GANMethod):
         return {"g": Generator(m.z_dim, m.shared_dim, self.num_classes, m.g_channels, m.image_size,
                                m.attention_at, m.sn_g, m.init, m.latent, self.output_range),
                 "d": Discriminator(self.num_classes, m.d_channels, m.embed_dim, m.image_size, m.attention_at,
-                                   init=m.init)}
+                                   init=m.init, cond_mtd=m.d_cond_mtd)}
 
     def build_dataset(self, cfg: ContraGANConfig):
         return self._data()[0]
@@ -402,9 +463,14 @@ class ContraGANMethod(GANMethod):
         return m.cond_lambda * loss
 
     def d_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
-        """Hinge + ``lambda * 2C(e(x), p_y, y)`` on the reals with their real labels."""
+        """Hinge + ``lambda * 2C(e(x), p_y, y)`` on the reals with their real labels (hinge only for the
+        PD / W/O baselines)."""
+        if self.cfg.model.d_cond_mtd != "2C":
+            return super().d_loss(s)
         return {**super().d_loss(s), "d_2c": self._two_c(s, s.out_real, s.cond_real)}
 
     def g_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         """Hinge + ``lambda * 2C(e(G(z, y')), p_y', y')`` on the fakes with their sampled labels."""
+        if self.cfg.model.d_cond_mtd != "2C":
+            return super().g_loss(s)
         return {**super().g_loss(s), "g_2c": self._two_c(s, s.out_fake, s.cond_fake)}

@@ -1,0 +1,45 @@
+"""The demo's GAN stage (text2image/gan_demo.py): four short runs, scored, gridded and reported."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from text2image.gan_demo import RUNS, attribute_overlap, demo_stage
+
+
+def test_attribute_overlap_analytic():
+    a = torch.tensor([0, 0, 1, 1])
+    assert attribute_overlap(a, a.flip(0), 3) == pytest.approx(1.0)
+    assert attribute_overlap(torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long), 2) == pytest.approx(0.0)
+    # hist (1, 0) vs (0.5, 0.5): TV 0.5
+    assert attribute_overlap(torch.zeros(4, dtype=torch.long), a, 2) == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_demo_stage_tiny_budget(tmp_path):
+    report, summary = [], {}
+    demo_stage(tmp_path, report, summary, budget_s=1.0, eval_samples=20, probe_steps=1,
+               evaluator_recipe={"train_images": 200, "epochs": 1})
+    text = "\n".join(report)
+    assert text.startswith("## Contrastive GAN discriminators on shapes")
+    assert "not comparable with published FID" in text and "As measured here:" in text
+    g = summary["gan_demo"]
+    assert set(g["runs"]) == {name for name, *_ in RUNS}
+    for name, label, rel, overrides, conditional in RUNS:
+        r = g["runs"][name]
+        assert f"| {label} | {r['steps']} |" in text
+        assert r["steps"] >= 2 and r["config"] == f"configs/{rel}" and r["overrides"] == overrides
+        assert ("class_accuracy" in r) == conditional
+        for key in ("shapes_fd", "overlap/colour", "overlap/size", "overlap/position"):
+            assert key in r
+        assert all(0.0 <= r[k] <= 1.0 for k in r if k.startswith("overlap/") or k == "class_accuracy")
+        png = tmp_path / f"gan_{name}.png"
+        assert f"![{name} samples](gan_{name}.png)" in text and png.is_file()
+        img = Image.open(png)
+        # enlarged 4x; one row per class (5 shapes) or 5 rows, 10 samples a row, 32 px + 2 px padding
+        assert img.size == (4 * (10 * 34 + 2), 4 * (5 * 34 + 2))
+    assert "rows, top to bottom: circle, square, triangle, diamond, star" in text
+    assert 0.0 <= g["real"]["class_accuracy"] <= 1.0 and g["chance"]["class_accuracy"] == 0.2
+    assert "ContraGAN" in g["verdict"] and "ContraD" in g["verdict"]
+    assert (tmp_path / "gan_losses.png").is_file()

@@ -1,0 +1,277 @@
+"""The demo's GAN stage: contrastive discriminators against plain ones of the same size, on shapes.
+
+Four runs on the embedded shapes data (32 px), each scored by the offline shapes evaluator
+(:mod:`evaluation.shapes_eval`) on samples of its EMA generator:
+
+=================  ==========================================================================
+``contragan``      configs/contragan/shapes.yaml: BigGAN blocks, D conditioned by the 2C loss
+``biggan``         the same config with ``model.d_cond_mtd=PD``: BigGAN's projection D, hinge loss,
+                   no 2C term (StudioGAN's BigGAN of the same size)
+``contrad``        configs/contrad/shapes.yaml: SimCLR + supcon-fake D (unconditional)
+``contrad-std``    the same config with ``model.mode=std``: same G and D, adversarial loss only
+=================  ==========================================================================
+
+A short probe of each config measures its speed and fixed cost; every run then gets the same share
+of its config's ``train.max_steps`` so that all four fit ``budget_s`` (the configs are tuned to learn
+within their ``max_steps``; a smaller budget trains less and says so). EMA start steps scale with it.
+
+Metrics, per run: class accuracy (conditional G; chance 20 %), the agreement of the predicted colour,
+size and position histograms with the real training set's (1 - total variation: 1 = same distribution;
+it falls when G collapses onto one colour or place), and the Fréchet distance in the evaluator's
+feature space, which is **not comparable with published FID**. The real validation images give the
+ceiling of each number.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["RUNS", "demo_stage", "attribute_overlap"]
+
+# (run name, label in the report, config under configs/, overrides, conditional)
+RUNS = (
+    ("contragan", "ContraGAN (2C, lambda = 1)", "contragan/shapes.yaml", [], True),
+    ("biggan", "BigGAN (projection D, hinge, no 2C)", "contragan/shapes.yaml", ["model.d_cond_mtd=PD"], True),
+    ("contrad", "ContraD (SimCLR + supcon-fake D)", "contrad/shapes.yaml", [], False),
+    ("contrad-std", "same G/D, plain GAN (ContraD mode = std)", "contrad/shapes.yaml", ["model.mode=std"], False),
+)
+_EVAL_SAMPLES = 500
+_GRID_COLS = 10
+_ZOOM = 4
+_ATTRS = ("colour", "size", "position")
+
+
+def _stage(msg: str) -> None:
+    print(f"[cmgen demo] {msg}", flush=True)
+
+
+def attribute_overlap(pred: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    """``1 - TV(hist(pred), hist(target))`` of two label vectors over ``k`` values: 1 = same histogram."""
+    p = torch.bincount(pred.long(), minlength=k).double() / max(len(pred), 1)
+    q = torch.bincount(target.long(), minlength=k).double() / max(len(target), 1)
+    return float(1.0 - 0.5 * (p - q).abs().sum())
+
+
+def _real_attributes(root: Path, split: str) -> dict[str, torch.Tensor]:
+    from evaluation.shapes_eval import ATTRIBUTES, primary_attributes
+    from text2image.data import ShapesAttributes
+
+    records = ShapesAttributes(root, split).records
+    return {a: torch.tensor([primary_attributes(r)[a] for r in records]) for a in ATTRIBUTES}
+
+
+def _real_images(root: Path, split: str, image_size: int) -> torch.Tensor:
+    from text2image.data import ShapesAttributes, load_image
+
+    return torch.stack([load_image(root / split / r["file_name"], image_size, (0.0, 1.0))
+                        for r in ShapesAttributes(root, split).records])
+
+
+def _score(ev, images01: torch.Tensor, labels, train_attrs: dict[str, torch.Tensor]) -> dict[str, float]:
+    from evaluation.shapes_eval import ATTRIBUTES
+
+    m = ev.evaluate(images01, labels=labels)
+    _, logits = ev.features(images01)
+    out = {"shapes_fd": float(m["shapes_fd"])}
+    if "class_accuracy" in m:
+        out["class_accuracy"] = float(m["class_accuracy"])
+    for a in _ATTRS:
+        out[f"overlap/{a}"] = attribute_overlap(logits[a].argmax(1), train_attrs[a], len(ATTRIBUTES[a]))
+    out["overlap/shape"] = attribute_overlap(logits["shape"].argmax(1), train_attrs["shape"], len(ATTRIBUTES["shape"]))
+    return out
+
+
+@torch.no_grad()
+def _samples(lg, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from cmgen.generate_cli import sample_images
+
+    images, labels = [], []
+    for batch, cond in sample_images(lg, n, seed=seed, batch_size=100):
+        images.append(batch.cpu())
+        if isinstance(cond, torch.Tensor):
+            labels.append(cond.cpu())
+    return torch.cat(images), (torch.cat(labels) if labels else None)
+
+
+@torch.no_grad()
+def _grid(lg, path: Path, seed: int = 1) -> str:
+    """One row per class (conditional) or 5 rows of samples, ``_GRID_COLS`` per row, enlarged."""
+    from cmgen.demo import _image_grid
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = lg.num_classes if lg.num_classes else 5
+    z = lg.latents(rows * _GRID_COLS, gen).to(lg.device)
+    y = torch.arange(rows).repeat_interleave(_GRID_COLS).to(lg.device) if lg.num_classes else None
+    x = lg.to_unit(lg.g(z, y)).cpu()
+    grid = _image_grid([(im.permute(1, 2, 0) * 255).round().byte().numpy() for im in x], cols=_GRID_COLS)
+    grid.resize((grid.width * _ZOOM, grid.height * _ZOOM), Image.NEAREST).save(path)
+    if lg.num_classes:
+        names = lg.class_names or [str(i) for i in range(lg.num_classes)]
+        return "rows, top to bottom: " + ", ".join(names)
+    return "unconditional samples"
+
+
+def _data_root(out: Path, cfg) -> Path:
+    d = cfg.data
+    return out / "data" / f"shapes_{cfg.model.image_size}px_n{d.num_images}_s{d.seed}"
+
+
+def _config(name: str, rel: str, overrides: list[str], out: Path, steps: int, extra: list[str]):
+    from cmgen.engine.registry import load_config
+
+    path = PROJECT_ROOT / "configs" / rel
+    base = load_config(path, overrides)
+    start = int(round(base.ema.start_step * steps / max(base.train.max_steps, 1)))
+    return load_config(path, [*overrides, f"run.output_dir={out / 'runs'}", f"run.name=gan-{name}",
+                              f"data.root={_data_root(out, base)}", f"train.max_steps={steps}",
+                              f"ema.start_step={min(start, max(steps - 1, 0))}", f"train.checkpoint_every={steps}",
+                              "train.sample_every=0", "train.eval_every=0", f"train.log_every={max(steps // 20, 1)}",
+                              "train.progress_bar=false", "train.trackers=[]", *extra])
+
+
+def _train(cfg):
+    from cmgen.engine.trainer import run_dir_of, train
+
+    # the demo is a fresh run every time; its own earlier run is replaced, never resumed
+    shutil.rmtree(run_dir_of(cfg), ignore_errors=True)
+    t0 = time.perf_counter()
+    result = train(cfg)
+    return result, time.perf_counter() - t0
+
+
+def _curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        for k in ("d_loss", "g_loss"):
+            if isinstance(r.get(k), (int, float)):
+                series.setdefault(k, []).append((r["step"], float(r[k])))
+    return series
+
+
+def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, runs=RUNS,
+               eval_samples: int = _EVAL_SAMPLES, probe_steps: int = 4, evaluator_recipe: dict | None = None) -> None:
+    """Train the four GANs of :data:`RUNS` on shapes within about ``budget_s`` seconds, score their EMA
+    generators with the shapes evaluator, and append the section (table, grids, verdict) to ``report``;
+    numbers go to ``summary["gan_demo"]``.
+
+    ``eval_samples`` generated images per run; ``probe_steps`` steps of each config's speed probe;
+    ``evaluator_recipe`` (``train_images``, ``epochs``) sizes the evaluator's one-off training (tests
+    pass a small one; the default is the evaluator's, shared with its own demo stage).
+    """
+    from cmgen.data import ensure_dataset, write_shapes
+    from cmgen.demo import plot_curves
+    from cmgen.generate_cli import load_generator
+    from evaluation.shapes_eval import NOT_COMPARABLE, ShapesEvaluator
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    # one evaluator and one reference set for every run (the same root as the evaluator's demo stage)
+    eval_root = out / "data" / "shapes_32px"
+    ensure_dataset(eval_root, "dataset_info.json",
+                   lambda: write_shapes(eval_root, num_images=512, image_size=32, seed=0, progress=False))
+    _stage("GAN demo: shapes evaluator (trained once, then cached)")
+    ev = ShapesEvaluator.load_or_train(eval_root, 32, **(evaluator_recipe or {}))
+    train_attrs = _real_attributes(eval_root, "train")
+    val_attrs = _real_attributes(eval_root, "val")
+
+    # probe: speed and fixed cost of each config (the baselines cost about what their method costs)
+    cost: dict[str, tuple[float, float]] = {}
+    for name, _, rel, overrides, _ in runs:
+        if rel in cost:
+            continue
+        _stage(f"GAN demo: {probe_steps}-step probe of configs/{rel}")
+        t0 = time.perf_counter()
+        _train(_config("probe", rel, [], out, 1, []))
+        t1 = time.perf_counter()
+        _train(_config("probe", rel, [], out, 1 + probe_steps, []))
+        t2 = time.perf_counter()
+        per_step = max((t2 - t1) - (t1 - t0), 1e-3) / probe_steps
+        cost[rel] = (per_step, max(t1 - t0 - per_step, 0.0))
+    shutil.rmtree(out / "runs" / "gan-probe", ignore_errors=True)
+
+    from cmgen.engine.registry import load_config
+    max_steps = {rel: load_config(PROJECT_ROOT / "configs" / rel).train.max_steps for _, _, rel, _, _ in runs}
+    eval_reserve = 3.0 * len(runs)
+    fixed = sum(cost[rel][1] for _, _, rel, _, _ in runs)
+    left = budget_s - (time.perf_counter() - t_start) - eval_reserve - fixed
+    full = sum(cost[rel][0] * max_steps[rel] for _, _, rel, _, _ in runs)
+    share = float(np.clip(left / full, 0.0, 1.0)) if full > 0 else 1.0
+
+    rows, results, images = [], {}, []
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for name, label, rel, overrides, conditional in runs:
+        steps = max(2, int(share * max_steps[rel]))
+        _stage(f"GAN demo: training {name} for {steps} of {max_steps[rel]} steps")
+        result, seconds = _train(_config(name, rel, overrides, out, steps, []))
+        lg = load_generator(result.run_dir)
+        x, y = _samples(lg, eval_samples, seed=0)
+        scores = _score(ev, x, y if conditional else None, train_attrs)
+        caption = _grid(lg, out / f"gan_{name}.png")
+        images.append((name, label, caption))
+        results[name] = {"label": label, "config": f"configs/{rel}", "overrides": overrides, "steps": steps,
+                         "config_max_steps": max_steps[rel], "seconds": round(seconds, 1),
+                         "run_dir": str(result.run_dir), **scores}
+        for k, v in _curves(result.run_dir).items():
+            curves[f"{name}: {k}"] = v
+
+    # ceiling: the real validation images through the same evaluator and statistics
+    real = _score(ev, _real_images(eval_root, "val", 32), val_attrs["shape"], train_attrs)
+    real["shapes_fd"] = float(ev.info["real_val_fd"])
+
+    def cell(r: dict, key: str, fmt: str = "{:.2f}") -> str:
+        return fmt.format(r[key]) if key in r else "–"
+
+    header = "| run | steps | s | class acc | colour | size | position | shapes-FD |"
+    rows = [f"| {r['label']} | {r['steps']} | {r['seconds']:.0f} | {cell(r, 'class_accuracy')} | "
+            f"{cell(r, 'overlap/colour')} | {cell(r, 'overlap/size')} | {cell(r, 'overlap/position')} | "
+            f"{cell(r, 'shapes_fd', '{:.1f}')} |" for r in results.values()]
+    rows.append(f"| real val images (ceiling, n={len(val_attrs['shape'])}) | | | {real['class_accuracy']:.2f} | "
+                f"{real['overlap/colour']:.2f} | {real['overlap/size']:.2f} | {real['overlap/position']:.2f} | "
+                f"{real['shapes_fd']:.1f} |")
+    rows.append("| chance | | | 0.20 | | | | |")
+    plot_curves(curves, out / "gan_losses.png", "GAN demo: D and G losses")
+    verdict = _verdict(results)
+    report += ["## Contrastive GAN discriminators on shapes", "",
+               f"Four GANs on the embedded shapes data (32 px), each at {share:.0%} of its config's "
+               f"`train.max_steps` to fit the {budget_s:.0f} s budget. Scores of {eval_samples} EMA-generator "
+               "samples from the shapes evaluator: **class acc** = share of samples the classifier reads as the "
+               "shape they were generated for (conditional G only); **colour / size / position** = agreement "
+               "of the predicted attribute histogram with the real training set's (1 - total variation; 1 = "
+               f"same distribution); **shapes-FD** = Fréchet distance of evaluator features, {NOT_COMPARABLE}.", "",
+               header, "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+               f"**As measured here:** {verdict}", ""]
+    for name, label, caption in images:
+        report += [f"**{label}** ({caption}):", "", f"![{name} samples](gan_{name}.png)", ""]
+    report += ["![GAN losses](gan_losses.png)", "",
+               "Configs: " + ", ".join(f"`configs/{rel}`{' ' + ' '.join(ov) if ov else ''}"
+                                      for _, _, rel, ov, _ in runs) + f". Single seed, {eval_samples} samples "
+               "per run: differences of a few points are noise.", ""]
+    summary["gan_demo"] = {"share_of_max_steps": share, "budget_s": budget_s,
+                           "seconds": round(time.perf_counter() - t_start, 1), "runs": results, "real": real,
+                           "chance": {"class_accuracy": 0.2}, "verdict": verdict, "note": NOT_COMPARABLE,
+                           "evaluator": {"file": ev.info["file"], "sha256": ev.info["sha256"]}}
+
+
+def _verdict(results: dict[str, dict[str, Any]]) -> str:
+    """One sentence per method/baseline pair present: does the contrastive D help, by these numbers."""
+    parts = []
+    pairs = (("contragan", "biggan", "class_accuracy", "class accuracy", True),
+             ("contrad", "contrad-std", "shapes_fd", "shapes-FD", False))
+    for a, b, key, what, higher in pairs:
+        if a not in results or b not in results or key not in results[a] or key not in results[b]:
+            continue
+        va, vb = results[a][key], results[b][key]
+        better = va > vb if higher else va < vb
+        parts.append(f"{results[a]['label']} {'beats' if better else 'does not beat'} its plain baseline on "
+                     f"{what} ({va:.2f} vs {vb:.2f}" + (", chance 0.20)" if higher else ", lower is better)"))
+    return "; ".join(parts) + "." if parts else "no method/baseline pair was run."
