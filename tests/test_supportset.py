@@ -303,3 +303,30 @@ def test_paper_config_smoke_runs_read_a_tiny_folder_in_the_real_format(config, b
     assert item["video"].shape == (cfg.model.max_chunks, 16) and isinstance(item["caption"], str)
     test = method._eval_data()
     assert test.benchmark == benchmark and test.num_videos == 8
+
+
+@pytest.mark.slow
+def test_demo_stage_on_a_tiny_budget(tmp_path):
+    """video.supportset.demo_stage at a budget too small for anything but the 10-step minimum: the probe
+    and the five runs train and evaluate, the report gets its section and table, the summary its keys."""
+    from video.supportset import DEMO_RUNS, demo_stage
+
+    report, summary = ["# report"], {}
+    demo_stage(tmp_path, report, summary, budget_s=1.0)
+    s = summary["supportset"]
+    assert set(s) == {"steps", "num_test_videos", "results", "chance", "best"} and s["steps"] == 10
+    n = s["num_test_videos"]
+    assert n == 32 and s["chance"] == {"t2v_R@1": 100 / n, "t2v_R@5": 500 / n, "t2v_MdR": (n + 1) / 2}
+    assert list(s["results"]) == [name for name, _ in DEMO_RUNS] and s["best"] in s["results"]
+    for metrics in s["results"].values():
+        assert set(metrics) == {"t2v_R@1", "t2v_R@5", "t2v_MdR", "v2t_R@1", "v2t_R@5", "v2t_MdR"}
+        assert all(0 <= metrics[f"{d}_R@{k}"] <= 100 for d in ("t2v", "v2t") for k in (1, 5))
+        assert all(1 <= metrics[f"{d}_MdR"] <= n for d in ("t2v", "v2t"))
+    text = "\n".join(report)
+    assert report[0] == "# report" and "## Support-set retrieval (moving digits)" in text
+    assert "| run | t2v R@1 | t2v R@5 | t2v MdR | v2t R@1 | v2t R@5 | v2t MdR |" in text
+    rows = [line for line in report if line.startswith("| ") and not line.startswith("| run")]
+    assert [r.split(" | ")[0][2:] for r in rows] == [name for name, _ in DEMO_RUNS] + ["chance"]
+    assert f"**{s['best']}**" in text and "10 steps per run" in text
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(
+        ["supportset-probe"] + [f"supportset-{name.split()[0]}" for name, _ in DEMO_RUNS])
