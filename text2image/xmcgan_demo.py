@@ -133,7 +133,7 @@ def train_run(out: Path, name: str, steps: int, overrides: Sequence[str] = (), d
 
 
 def caption_grid(captions: Sequence[str], real01: torch.Tensor | None, fakes01: torch.Tensor, path: Path,
-                 zoom: int = 4, wrap: int = 44) -> Path:
+                 zoom: int = 4) -> Path:
     """One row per caption: the caption in large type, then (when given) the real image it came from and
     ``k`` generated images, each enlarged ``zoom`` times (nearest). ``fakes01`` (C, k, 3, S, S) in [0, 1]."""
     from PIL import Image, ImageDraw, ImageFont
@@ -152,7 +152,7 @@ def caption_grid(captions: Sequence[str], real01: torch.Tensor | None, fakes01: 
         if real01 is not None:                       # a coloured frame tells the real image apart
             ImageDraw.Draw(strip).rectangle([1, 1, tiles[0].shape[1] + 6, tiles[0].shape[0] + 6],
                                             outline=(0, 160, 0), width=3)
-        lines = textwrap.wrap(f"{i + 1}. {caption}", wrap)
+        lines = textwrap.wrap(f"{i + 1}. {caption}", max(24, strip.width // 8))   # ~8 px per character
         text_h = 6 + 19 * len(lines)
         panel = Image.new("RGB", (strip.width, text_h + strip.height), (255, 255, 255))
         ImageDraw.Draw(panel).multiline_text((6, 4), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=4)
