@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["clip_features", "image_features", "save_features", "load_features", "knn_accuracy", "linear_probe", "chance_accuracy",
-           "probe_report"]
+__all__ = ["clip_features", "image_features", "save_features", "load_features", "knn_accuracy", "linear_probe",
+           "chance_accuracy", "probe_report"]
 
 
 def _collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,3 +168,29 @@ def test_one_d_step_lowers_d_loss(tmp_path):
     before.backward()
     opt.step()
     assert float(loss().detach()) < float(before.detach())
+
+
+def test_unconditional_shapes_scores_against_hand_counts():
+    from text2image.contrad import unconditional_shapes_scores
+
+    class Stub:                      # the two ShapesEvaluator methods the scores use
+        def __init__(self, logits):
+            self.logits = logits
+
+        def features(self, images):
+            return None, {"shape": self.logits}
+
+        def evaluate(self, images):
+            return {"shapes_fd": 7.0}
+
+    # probabilities (max): 0.97 class 0, 0.97 class 0, ~0.45 class 1, 0.97 class 4
+    logits = torch.tensor([[4.0, 0, 0, 0, 0], [4.0, 0, 0, 0, 0], [0, 1.0, 0.9, 0, 0], [0, 0, 0, 0, 4.0]])
+    s = unconditional_shapes_scores(Stub(logits), torch.zeros(4, 3, 8, 8), threshold=0.5)
+    assert s["confident"] == 0.75 and s["classes_covered"] == 3 and s["shapes_fd"] == 7.0
+    assert s["class_histogram"] == [0.5, 0.25, 0.0, 0.0, 0.25]
+    import math
+    assert s["class_entropy"] == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)) / math.log(5))
+    one = unconditional_shapes_scores(Stub(logits[:2]), torch.zeros(2, 3, 8, 8))
+    assert one["class_entropy"] == 0.0 and one["confident"] == 1.0
+    uniform = unconditional_shapes_scores(Stub(torch.eye(5) * 5), torch.zeros(5, 3, 8, 8))
+    assert uniform["class_entropy"] == pytest.approx(1.0)

@@ -46,6 +46,7 @@ step calls the unwrapped, frozen D.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional, Sequence
@@ -64,7 +65,7 @@ from text2image.layers import SN_EPS
 
 __all__ = ["SNDCGANGenerator", "SNDCGANBackbone", "SNResNet18Backbone", "TinyBackbone", "ContraDiscriminator",
            "ContraDOutput", "ContraDModelConfig", "ContraDConfig", "ContraDMethod", "supcon_fake",
-           ]
+           "unconditional_shapes_scores", "CONFIDENT_THRESHOLD"]
 
 
 def _sn(module: nn.Module, enabled: bool = True) -> nn.Module:
@@ -394,3 +395,33 @@ class ContraDMethod(GANMethod):
     def g_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         d_fake = s.out_fake.logits
         return {"g_adv": F.softplus(-d_fake).mean() if self.cfg.model.loss == "nonsat" else -d_fake.mean()}
+
+
+# --- how the embedded shapes run is judged -----------------------------------------------------------
+CONFIDENT_THRESHOLD = 0.5
+"""Max softmax probability of the shapes classifier (:class:`evaluation.shapes_eval.ShapesEvaluator`)
+above which a sample counts as a recognisable shape. The classifier is under-confident on REAL shapes:
+on the 375 held-out real images of its own render, 76% reach 0.5 (89% of those correctly classified),
+61% reach 0.6 and only 6% reach 0.9, so 0.9 would fail real images; 0.5 is the threshold used here."""
+
+
+def unconditional_shapes_scores(evaluator, images01: torch.Tensor,
+                                threshold: float = CONFIDENT_THRESHOLD) -> dict[str, float | list[float]]:
+    """Scores of UNCONDITIONAL samples ``(N, 3, H, W)`` in [0, 1] (no class to compare with):
+
+    - ``confident``: fraction whose max class probability is >= ``threshold``;
+    - ``class_histogram`` (5 fractions of the predicted shape) and ``class_entropy`` = its entropy / log 5
+      (1 = all classes equally often, 0 = one class): a collapsed or junk G is often confidently ONE class
+      (the classifier calls a random ContraD G's grey images "circle" at 100%), so confidence alone
+      means nothing without coverage;
+    - ``classes_covered`` (predicted at least once) and ``shapes_fd`` (evaluator feature space, not FID).
+    """
+    _, logits = evaluator.features(images01)
+    conf, pred = logits["shape"].softmax(1).max(1)
+    k = logits["shape"].shape[1]
+    hist = torch.bincount(pred, minlength=k).double() / pred.numel()
+    nz = hist[hist > 0]
+    entropy = abs(float((nz * nz.log()).sum() / math.log(k)))      # abs: no -0.0 for one class
+    return {"confident": float((conf >= threshold).double().mean()), "threshold": float(threshold),
+            "class_histogram": [float(h) for h in hist], "class_entropy": entropy,
+            "classes_covered": int((hist > 0).sum()), "shapes_fd": float(evaluator.evaluate(images01)["shapes_fd"])}
