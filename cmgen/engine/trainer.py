@@ -6,7 +6,9 @@ draws ``grad_accum`` micro-batches, calls ``method.train_step`` on each inside
 against NaN/Inf (all ranks agree before anyone stops), steps the LR schedules once, updates the EMAs,
 and runs the logging, evaluation, sampling and checkpoint hooks. Everything a resume needs is in the
 checkpoint, so ``resume=latest`` continues bit for bit (see :mod:`cmgen.engine.checkpoint` and
-:mod:`cmgen.engine.data`).
+:mod:`cmgen.engine.data`). In a multi-process run, a collective that fails because a peer hung past
+``train.collective_timeout_s`` or died becomes a one-line :class:`cmgen.errors.CollectiveError`
+(:mod:`cmgen.engine.collective`).
 
 Run directory: ``{output_dir}/{name}/{config.yaml, checkpoints/, samples/, logs/, metrics.jsonl}``.
 """
@@ -115,7 +117,7 @@ def train(cfg: ExperimentConfig, method_cls: type[Method] | None = None) -> Trai
         trainer = _Trainer(cfg, method_cls, accelerator, run_dir)
         return trainer.fit()
     except RuntimeError as err:
-        if accelerator.num_processes > 1 and is_collective_failure(err):
+        if accelerator.num_processes > 1 and not isinstance(err, NonFiniteLossError) and is_collective_failure(err):
             step, beacon = getattr(trainer, "step", None), getattr(trainer, "beacon", None)
             behind = beacon.behind() if beacon is not None and is_timeout(err) else []
             raise CollectiveError(collective_message(err, cfg.train.collective_timeout_s, accelerator.process_index,
