@@ -126,24 +126,25 @@ def test_killed_rank_without_an_agent_the_survivor_stops_with_one_line(tmp_path)
     assert "train.collective_timeout_s=900 s" in errors[0] and "Traceback" not in rank0.output, rank0.output[-3000:]
 
 
-def test_failed_checkpoint_write_on_rank_0_stops_every_rank_with_the_error(tmp_path):
-    # Each rank its own process (as srun starts them): no agent stops rank 1 when rank 0 fails, and the
-    # collective timeout is longer than the harness allows, so rank 1 must learn of the failure itself.
+@pytest.mark.parametrize("failing", [0, 1])
+def test_failed_checkpoint_write_on_one_rank_stops_every_rank_with_the_error(tmp_path, failing):
+    # Each rank its own process (as srun starts them): no agent stops the other rank when one fails, and
+    # the collective timeout is longer than the harness allows, so each rank must learn of the failure.
     ranks = launch_ranks(TOY_CONFIG, TOY_DIST + ["train.collective_timeout_s=900"], out_dir=tmp_path, name="full",
-                         dump=True, fault="ckpt:0:4", timeout=240)
+                         dump=True, fault=f"ckpt:{failing}:4", timeout=240)
     outputs = "\n".join(f"--- rank {r}:\n{run.output[-2000:]}" for r, run in enumerate(ranks))
     assert [run.returncode for run in ranks] == [2, 2], outputs
-    ranks[0].fault_time(0)    # the fault fired, on rank 0
+    ranks[failing].fault_time(failing)    # the fault fired, on that rank
     root = ranks[0].checkpoints
     errors = [line for line in ranks[0].output.splitlines() if line.startswith("cmgen: error:")]
-    assert len(errors) == 1, outputs
-    assert f"could not write the step-4 checkpoint to {root / '.tmp-step4'}: rank 0: " in errors[0], errors[0]
-    assert "No space left on device" in errors[0] and "rank 1:" not in errors[0], errors[0]
+    assert len(errors) == 1, outputs      # rank 0 speaks for all, with every failing rank's reason
+    assert f"could not write the step-4 checkpoint to {root / '.tmp-step4'}: rank {failing}: " in errors[0], errors[0]
+    assert "No space left on device" in errors[0] and f"rank {1 - failing}:" not in errors[0], errors[0]
     assert f"the previous checkpoint {root / 'step_000002'} is intact" in errors[0], errors[0]
-    assert "Traceback" not in outputs and "cmgen: error" not in ranks[1].output, outputs  # rank 0 speaks for all
+    assert "Traceback" not in outputs and "cmgen: error" not in ranks[1].output, outputs
     assert [s for s, _ in list_checkpoints(root)] == [2] and not list(root.glob(".tmp-*"))
     assert read_engine_state(root / "step_000002")["step"] == 2
-    assert max(read_dumps(ranks[1].dump_dir)[1]) == 3    # rank 1 stopped at the same checkpoint
+    assert all(max(read_dumps(run.dump_dir)[r]) == 3 for r, run in enumerate(ranks))  # both stopped at step 4's
 
 
 # ---------------------------------------------------------------------------------------------------
