@@ -10,7 +10,9 @@ the next forward (checkpoints hold rank 0's), so only those keys (``BN_STATS``) 
 
 Faults: ``kill -9`` of one rank stops the run within a bounded time and ``resume=latest`` with 2
 processes ends bitwise equal to the uninterrupted run; a rank that hangs makes the others fail after
-``train.collective_timeout_s``. A checkpoint written by 2 processes resumes with 1 and the reverse
+``train.collective_timeout_s`` with one line naming the setting and the rank that fell behind. Without
+a launcher agent (srun-style ranks, ``launch_ranks``): the survivor of a ``kill -9`` says so in one
+line, and a checkpoint write failing on either rank stops both with the checkpoint error at once. A checkpoint written by 2 processes resumes with 1 and the reverse
 (the engine prints what changes: per-process RNG streams are re-seeded; weights, optimizer, schedules,
 queues, data position carry over) and ends where the uninterrupted run ends.
 
