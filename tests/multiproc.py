@@ -166,37 +166,42 @@ def launch_ranks(config: str, overrides: list[str], *, out_dir: Path, name: str,
     """Every rank a separate ``python -m cmgen train`` (env:// rendezvous at 127.0.0.1, rank 0 hosts the
     store), no launcher agent; one :class:`Run` per rank (``output``: that rank's own output). Past
     ``timeout`` seconds every rank still running is killed and the test fails: no rank may rely on an
-    agent to be stopped."""
+    agent to be stopped. A port taken between :func:`free_port` and rank 0's bind (other jobs on the
+    machine) is retried on another port, at most 3 times."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_dir = out_dir / f"{name}-dump" if dump else None
     cmd = [sys.executable, "-m", "cmgen", "train", config, f"run.output_dir={out_dir}", f"run.name={name}", *QUIET,
            *overrides]
-    port, t0 = free_port(), time.perf_counter()
-    procs = []
-    for rank in range(nproc):
-        ranks = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        log = out_dir / f"{name}-rank{rank}.log"
-        with open(log, "w") as f:
-            procs.append((subprocess.Popen(cmd, cwd=ROOT, env={**_env(dump_dir, fault, env), **ranks}, stdout=f,
-                                           stderr=subprocess.STDOUT, start_new_session=True), log))
-    runs, deadline = [], time.perf_counter() + timeout
-    try:
-        for proc, log in procs:
-            code = proc.wait(timeout=max(deadline - time.perf_counter(), 0.1))
-            runs.append(Run(cmd, code, log.read_text(), time.perf_counter() - t0, out_dir / name, dump_dir,
-                            time.time()))
-    except subprocess.TimeoutExpired:
-        outputs = {log.name: log.read_text()[-2000:] for _, log in procs}
-        raise AssertionError(f"a rank was still running after {timeout} s; outputs: {outputs}")
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                with _suppress():
-                    os.killpg(proc.pid, signal.SIGKILL)   # the session started for this rank only
-                proc.wait()
-    return runs
+    t0, deadline = time.perf_counter(), time.perf_counter() + timeout
+    for attempt in range(3):
+        port, procs = free_port(), []
+        for rank in range(nproc):
+            ranks = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                     "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            log = out_dir / f"{name}-rank{rank}.log"
+            with open(log, "w") as f:
+                procs.append((subprocess.Popen(cmd, cwd=ROOT, env={**_env(dump_dir, fault, env), **ranks}, stdout=f,
+                                               stderr=subprocess.STDOUT, start_new_session=True), log))
+        try:
+            while any(proc.poll() is None for proc, _ in procs) and time.perf_counter() < deadline:
+                first, log0 = procs[0]
+                if first.poll() not in (None, 0) and "address already in use" in log0.read_text().lower():
+                    break                                   # the store's port was taken: try another
+                time.sleep(0.2)
+            else:
+                if any(proc.poll() is None for proc, _ in procs):
+                    outputs = {log.name: log.read_text()[-2000:] for _, log in procs}
+                    raise AssertionError(f"a rank was still running after {timeout} s; outputs: {outputs}")
+                return [Run(cmd, proc.returncode, log.read_text(), time.perf_counter() - t0, out_dir / name, dump_dir,
+                            time.time()) for proc, log in procs]
+        finally:
+            for proc, _ in procs:
+                if proc.poll() is None:
+                    with _suppress():
+                        os.killpg(proc.pid, signal.SIGKILL)   # the session started for this rank only
+                    proc.wait()
+    raise AssertionError(f"rank 0 could not bind a free port in 3 attempts:\n{log0.read_text()[-2000:]}")
 
 
 # ---------------------------------------------------------------------------------------------------
