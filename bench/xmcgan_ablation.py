@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/xmcgan_ablation"), help="runs and data go here")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--smoke", action="store_true", help="tiny evaluator and data: checks the script, numbers mean nothing")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny evaluator and data: checks the script, numbers mean nothing")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))

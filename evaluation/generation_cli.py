@@ -96,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="R-precision dual encoder of a text-conditioned --checkpoint: a local CLIP folder, or "
                           "'shapes' (default for shapes runs: a small encoder trained once on the real shapes "
                           "captions, NOT comparable with published R-precision)")
-    met.add_argument("--rp-split", default="val", help="caption split the images are generated from (default: %(default)s)")
+    met.add_argument("--rp-split", default="val",
+                     help="caption split the images are generated from (default: %(default)s)")
     met.add_argument("--no-rp", action="store_true", help="skip R-precision of a text-conditioned generator")
     met.add_argument("--seed", type=int, default=0, help="sampling, KID subsets and R-precision candidates")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
@@ -367,7 +368,8 @@ def evaluate_images(args: argparse.Namespace) -> dict:
             np.concatenate(image_emb), rp_encoder.embed_texts(captions), num_candidates=args.rp_candidates,
             splits=min(args.rp_splits, len(captions)), labels=caption_index, seed=args.seed)
         rp_info = {**rp_encoder.info, "captions": f"{args.rp_split} split, one random caption per image",
-                   "num_candidates": args.rp_candidates, "protocol": "AttnGAN / DM-GAN (evaluation.generation.r_precision)"}
+                   "num_candidates": args.rp_candidates,
+                   "protocol": "AttnGAN / DM-GAN (evaluation.generation.r_precision)"}
     result: dict[str, Any] = {
         "metrics": metrics, "num_fake": int(fake_out["n"]), "seed": args.seed, "extractor": extractor.info,
         "real": real_prov, "generator": generator_info, "protocol": {

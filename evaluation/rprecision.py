@@ -234,7 +234,8 @@ def load_or_train_shapes_encoder(data_root: str | os.PathLike, image_size: int |
         t0 = time.perf_counter()
         train_root = root / "evaluator" / f"train_{image_size}px"
         written = train_root / "dataset_info.json"
-        if not (written.is_file() and json.loads(written.read_text())["config"]["num_images"] == recipe["train_images"]):
+        have = json.loads(written.read_text())["config"]["num_images"] if written.is_file() else None
+        if have != recipe["train_images"]:
             # the same render as the shapes evaluator's, so both share it
             write_shapes(train_root, num_images=recipe["train_images"], image_size=image_size,
                          seed=shapes_eval._TRAIN_SEED, max_shapes=int(data_info["config"].get("max_shapes", 2)),
@@ -264,6 +265,12 @@ def load_or_train_shapes_encoder(data_root: str | os.PathLike, image_size: int |
             "sha256": _file_hash(ckpt), "real_val_r_precision": state["real_val_r_precision"],
             "note": NOT_COMPARABLE}
     return _ShapesEncoderHandle(model, vocab, info, device)
+
+
+def _projected(out) -> torch.Tensor:
+    """``get_*_features`` return the projected features (transformers 4) or an output whose
+    ``pooler_output`` holds them (transformers 5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 class CLIPDualEncoder:
@@ -304,7 +311,7 @@ class CLIPDualEncoder:
             x = torch.as_tensor(images01[lo:lo + batch_size]).float().clamp(0, 1)
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
             x = ((x - self.mean) / self.std).to(self.device)
-            out.append(F.normalize(self.model.get_image_features(pixel_values=x), dim=-1).cpu())
+            out.append(F.normalize(_projected(self.model.get_image_features(pixel_values=x)), dim=-1).cpu())
         return torch.cat(out).numpy()
 
     @torch.no_grad()
@@ -315,7 +322,7 @@ class CLIPDualEncoder:
             enc = self.tokenizer(list(captions[lo:lo + batch_size]), padding=True, truncation=True,
                                  max_length=max_len, return_tensors="pt").to(self.device)
             feats = self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            out.append(F.normalize(feats, dim=-1).cpu())
+            out.append(F.normalize(_projected(feats), dim=-1).cpu())
         return torch.cat(out).numpy()
 
 

@@ -136,10 +136,10 @@ def tiny_xmcgan_run(tmp_path_factory):
     from cmgen.engine.trainer import train
 
     out = tmp_path_factory.mktemp("xmc")
-    cfg = load_config(XMC_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2", "train.sample_every=0",
-                                   "train.checkpoint_every=2", "train.log_every=1", "train.progress_bar=false",
-                                   "train.trackers=[]", "data.num_images=48", "train.batch_size=8",
-                                   "gan.samples_per_class=4"])
+    cfg = load_config(XMC_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2",
+                                   "train.sample_every=0", "train.checkpoint_every=2", "train.log_every=1",
+                                   "train.progress_bar=false", "train.trackers=[]", "data.num_images=48",
+                                   "train.batch_size=8", "gan.samples_per_class=4"])
     return train(cfg).run_dir
 
 

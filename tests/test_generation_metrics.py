@@ -533,3 +533,36 @@ def test_word_vocab_pads_and_marks_unknown_words():
     assert ids.shape == (2, 7) and lengths.tolist() == [3, 7]
     assert ids[0, 3:].eq(0).all() and ids[1, 1] == 1          # padding 0, unknown "pink" 1
     assert ids[0, 2] == ids[1, 2] == v.index["circle"]
+
+
+def test_clip_dual_encoder_from_a_local_folder(tmp_path):
+    """A tiny random CLIP saved with save_pretrained (tokenizer: the packaged MiniLM's) loads offline and
+    embeds images and captions into one unit-norm space, as the model's own get_*_features do."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    from evaluation import rprecision
+    from text2image.text_encoder import default_text_encoder_path
+
+    tok = AutoTokenizer.from_pretrained(str(default_text_encoder_path()), local_files_only=True)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    cfg = CLIPConfig(text_config=dict(vocab_size=tok.vocab_size, max_position_embeddings=40,
+                                      eos_token_id=tok.sep_token_id, **small),
+                     vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    enc = rprecision.load_dual_encoder(str(tmp_path))
+    assert isinstance(enc, rprecision.CLIPDualEncoder) and enc.info["sha256"]
+    images = torch.rand(3, 3, 64, 64)
+    captions = ["a red circle", "a large blue square in the top left", "a star"]
+    ie, te = enc.embed_images(images), enc.embed_texts(captions)
+    assert ie.shape == te.shape == (3, 8)
+    np.testing.assert_allclose(np.linalg.norm(ie, axis=1), 1.0, rtol=1e-5)
+    x = torch.nn.functional.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = (x - enc.mean) / enc.std
+    with torch.no_grad():
+        ref = enc.model.visual_projection(enc.model.vision_model(pixel_values=x).pooler_output)
+        ref = torch.nn.functional.normalize(ref, dim=-1)
+    np.testing.assert_allclose(ie, ref.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="no config.json"):
+        rprecision.load_dual_encoder(str(tmp_path / "missing"))
