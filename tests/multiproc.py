@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -55,7 +56,25 @@ TOY_DIST = ["train.max_steps=6", "train.batch_size=16", "train.grad_accum=2", "t
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port free now, chosen below the kernel's ephemeral range: ports the kernel hands out by
+    itself (``bind(0)``, every outgoing connection of the other jobs on this machine) never come from
+    there, so the port cannot be taken between this call and the launcher's bind by an automatic
+    assignment (torchrun's c10d rendezvous on a taken port hangs instead of failing). A system random
+    choice: tests seed Python's ``random``."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    pick = random.SystemRandom()
+    for _ in range(64 if low - 4096 > 10000 else 0):
+        port = pick.randrange(10000, low - 4096)   # a margin below the range: it may be widened later
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:   # no room below the ephemeral range on this machine
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
