@@ -99,11 +99,10 @@ def _plot(results: dict, chance: dict, path: Path, title: str) -> Path:
             xs = [j + (i - (len(ENCODERS) - 1) / 2) * width for j in range(len(METRICS))]
             ax.bar(xs, [results[enc][label][m] for m, _ in METRICS], width, label=enc)
         ax.axhline(chance[label], color="black", linestyle="--", linewidth=1, label="chance")
-        ax.text(len(METRICS) - 0.5, chance[label] + 1.5, f"chance {chance[label]:.1f}%", ha="right", fontsize=7)
         ax.set_xticks(range(len(METRICS)), [t for _, t in METRICS])
         ax.set_ylim(0, 105)
         ax.set_ylabel("test top-1 accuracy (%)")
-        ax.set_title(f"{label} labels")
+        ax.set_title(f"{label} labels (chance {chance[label]:.1f}%)")
         ax.grid(axis="y", alpha=0.3)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8)
