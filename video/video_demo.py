@@ -193,8 +193,9 @@ def demo_stage(out: str | Path, report: list[str], summary: dict, budget_s: floa
 
     # probes: the speed of a VideoMoCo step (G active) and of a fine-tune step, and each run's fixed cost
     probe_steps = 10
-    _, vm_s, vm_speed = _timed_train(load_config(PRETRAIN_CONFIG, place + _pretrain_overrides(
-        "videomoco-demo-probe", probe_steps, plain=False) + ["model.adversarial_start_step=0", "train.checkpoint_every=0"]))
+    vm_probe = _pretrain_overrides("videomoco-demo-probe", probe_steps, plain=False)
+    vm_probe += ["model.adversarial_start_step=0", "train.checkpoint_every=0"]
+    _, vm_s, vm_speed = _timed_train(load_config(PRETRAIN_CONFIG, place + vm_probe))
     _, ft_s, ft_speed = _timed_train(load_config(FINETUNE_CONFIG, place + _finetune_overrides(
         "finetune-demo-probe", probe_steps, "direction", None)))
     vm_fixed, ft_fixed = max(vm_s - probe_steps / vm_speed, 0.0), max(ft_s - probe_steps / ft_speed, 0.0)
