@@ -36,6 +36,13 @@ Faithfulness details, each behind an option where the paper and the code differ:
   :class:`text2image.gan.GANSettings` ``track_g_bn_in_d_steps``).
 - EMA of G: parameters and buffers averaged, ``num_batches_tracked`` copied (``utils/ema.py``;
   :class:`cmgen.engine.EMA` ``buffers="average"``), ``g_ema_start`` as ``ema.start_step``.
+- Sampling with spectral norm: StudioGAN samples with G in eval mode but every conv / linear /
+  embedding in train mode (``utils/misc.py`` ``prepare_generator`` -> ``set_deterministic_op_trainable``),
+  so each sampling forward runs one power iteration on the (EMA) weights. Here ``Generator.eval()``
+  runs :data:`EVAL_POWER_ITERATIONS` power iterations once (:func:`refresh_spectral_norm`) and eval
+  forwards then leave ``u``, ``v`` alone: the converged sigma StudioGAN's evaluations reach, without
+  samples that depend on how many batches came before. Without either, the averaged ``u``, ``v``
+  underestimate sigma (0.59-0.89 of it after 500 shapes steps) and the EMA samples saturate.
 - Multi-process 2C: StudioGAN gathers embeddings with ``GatherLayer``, whose backward returns only
   this rank's slice, and DDP then averages the parameter gradients over the W processes, so its 2C
   gradient is 1/W of the exact global-batch gradient. ``model.two_c_grad = "exact"`` (default) is
