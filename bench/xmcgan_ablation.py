@@ -52,7 +52,7 @@ def main(argv=None) -> int:
              "Attribute accuracy of the primary object of images generated from every val caption "
              "(shapes evaluator; not comparable with published numbers).", "", *res["markdown"], "",
              "| run | CPU s (process_time) |", "|---|---:|",
-             *[f"| {k} | {v:.0f} |" for k, v in res["cpu_seconds"].items()], ""]
+             *[f"| {k} | {v:.1f} |" for k, v in res["cpu_seconds"].items()], ""]
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{name}.md").write_text("\n".join(lines))
     (args.results / f"{name}.json").write_text(json.dumps({k: v for k, v in res.items() if k != "markdown"},
