@@ -233,7 +233,8 @@ def _tiny_msrvtt_overrides(out_dir, name):
             "model.text_trainable=false", "model.dropout=0", "model.max_chunks=4", "model.max_tokens=6",
             "model.dim=16", "model.temporal_width=16", "model.temporal_layers=1", "model.decoder_d_model=16",
             "model.decoder_layers=1", "model.support_gather=true", "train.batch_size=8", "train.num_workers=0",
-            "train.max_steps=3", "train.checkpoint_every=0", "schedule.warmup_steps=1", "optim.name=sgd", "optim.lr=0.1",
+            "train.max_steps=3", "train.checkpoint_every=0", "schedule.warmup_steps=1", "optim.name=sgd",
+            "optim.lr=0.1",
             f"run.output_dir={out_dir}", f"run.name={name}"]
 
 
