@@ -292,12 +292,14 @@ def evaluate_images(args: argparse.Namespace) -> dict:
         from cmgen.generate_cli import load_generator
         lg = load_generator(args.checkpoint, which=args.which, use_ema=not args.live, device=device)
     shapes_root = args.shapes_root
-    run_shapes_root = shapes_root_of(lg.method, lg.cfg) if lg is not None and lg.method is not None else None
+    text = lg is not None and lg.conditioning == "text"
+    run_shapes_root = None
+    if (args.extractor == "shapes" or text) and lg is not None and lg.method is not None:
+        run_shapes_root = shapes_root_of(lg.method, lg.cfg)
     if args.extractor == "shapes" and shapes_root is None:
         shapes_root = run_shapes_root
         if shapes_root is None:
             raise ValueError("--extractor shapes needs --shapes-root (the generator's run does not name shapes data)")
-    text = lg is not None and lg.conditioning == "text"
     if text and lg.method is None:
         raise ValueError(f"{args.checkpoint}: a text-conditioned generator is evaluated on its run's captions; "
                          "pass the run or checkpoint directory, not an exported folder")
