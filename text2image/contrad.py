@@ -38,6 +38,11 @@ there), so ``gan.track_g_bn_in_d_steps`` defaults to true here. Linear LR warm-u
 ``_update_warmup`` uses ``min(1, (step + 1) / 3000)`` with steps counted from 1; the engine's schedule
 (``schedule.warmup_steps: 3000``) counts from 0, one step behind.
 
+Linear evaluation of the frozen D backbone (the official ``test_lineval.py``; the paper's second claim):
+``cmgen eval probe --gan-checkpoint RUN [--random-init]`` (:mod:`evaluation.probe_cli`), on the backbone
+output ``ContraDOutput.features`` of shapes images, class = shape. The embedded shapes run is judged by
+:func:`unconditional_shapes_scores` (ContraD is unconditional: no class to compare samples with).
+
 Under several processes the official NT-Xent and supcon-fake gather with ``GatherLayer`` (backward =
 this rank's slice, then DDP's mean over W processes: the contrastive gradients are 1/W of the global
 loss's). Here ``model.gather_distributed = True`` gives the exact global-batch losses; the official
