@@ -15,11 +15,12 @@ A short probe of each config measures its speed and fixed cost; every run then g
 of its config's ``train.max_steps`` so that all four fit ``budget_s`` (the configs are tuned to learn
 within their ``max_steps``; a smaller budget trains less and says so). EMA start steps scale with it.
 
-Metrics, per run: class accuracy (conditional G; chance 20 %), the agreement of the predicted colour,
-size and position histograms with the real training set's (1 - total variation: 1 = same distribution;
-it falls when G collapses onto one colour or place), and the Fréchet distance in the evaluator's
-feature space, which is **not comparable with published FID**. The real validation images give the
-ceiling of each number.
+Metrics, per run: class accuracy (conditional G; chance 20 %), the agreement of the colour, size and
+position histograms the evaluator predicts on the samples with those it predicts on the real training
+images (1 - total variation: 1 = same distribution, the classifier's own errors cancel; it falls when G
+collapses onto one colour or place), and the Fréchet distance in the evaluator's feature space, which
+is **not comparable with published FID**. The real validation images give the ceiling of each number
+(their histograms, from few images, carry sampling noise).
 """
 from __future__ import annotations
 
@@ -69,6 +70,11 @@ def _real_attributes(root: Path, split: str) -> dict[str, torch.Tensor]:
     return {a: torch.tensor([primary_attributes(r)[a] for r in records]) for a in ATTRIBUTES}
 
 
+def _predicted_attributes(ev, images01: torch.Tensor) -> dict[str, torch.Tensor]:
+    _, logits = ev.features(images01)
+    return {a: v.argmax(1) for a, v in logits.items()}
+
+
 def _real_images(root: Path, split: str, image_size: int) -> torch.Tensor:
     from text2image.data import ShapesAttributes, load_image
 
@@ -76,17 +82,17 @@ def _real_images(root: Path, split: str, image_size: int) -> torch.Tensor:
                         for r in ShapesAttributes(root, split).records])
 
 
-def _score(ev, images01: torch.Tensor, labels, train_attrs: dict[str, torch.Tensor]) -> dict[str, float]:
+def _score(ev, images01: torch.Tensor, labels, reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Evaluator scores; ``reference``: the attributes it predicts on the real training images."""
     from evaluation.shapes_eval import ATTRIBUTES
 
     m = ev.evaluate(images01, labels=labels)
-    _, logits = ev.features(images01)
+    pred = _predicted_attributes(ev, images01)
     out = {"shapes_fd": float(m["shapes_fd"])}
     if "class_accuracy" in m:
         out["class_accuracy"] = float(m["class_accuracy"])
-    for a in _ATTRS:
-        out[f"overlap/{a}"] = attribute_overlap(logits[a].argmax(1), train_attrs[a], len(ATTRIBUTES[a]))
-    out["overlap/shape"] = attribute_overlap(logits["shape"].argmax(1), train_attrs["shape"], len(ATTRIBUTES["shape"]))
+    for a in (*_ATTRS, "shape"):
+        out[f"overlap/{a}"] = attribute_overlap(pred[a], reference[a], len(ATTRIBUTES[a]))
     return out
 
 
@@ -184,7 +190,7 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
                    lambda: write_shapes(eval_root, num_images=512, image_size=32, seed=0, progress=False))
     _stage("GAN demo: shapes evaluator (trained once, then cached)")
     ev = ShapesEvaluator.load_or_train(eval_root, 32, **(evaluator_recipe or {}))
-    train_attrs = _real_attributes(eval_root, "train")
+    train_attrs = _predicted_attributes(ev, _real_images(eval_root, "train", 32))
     val_attrs = _real_attributes(eval_root, "val")
 
     # probe: speed and fixed cost of each config (the baselines cost about what their method costs)
@@ -275,6 +281,7 @@ def _verdict(results: dict[str, dict[str, Any]]) -> str:
             continue
         va, vb = results[a][key], results[b][key]
         better = va > vb if higher else va < vb
+        values = f"{va:.2f} vs {vb:.2f}, chance 0.20" if higher else f"{va:.1f} vs {vb:.1f}, lower is better"
         parts.append(f"{results[a]['label']} {'beats' if better else 'does not beat'} its plain baseline on "
-                     f"{what} ({va:.2f} vs {vb:.2f}" + (", chance 0.20)" if higher else ", lower is better)"))
+                     f"{what} ({values})")
     return "; ".join(parts) + "." if parts else "no method/baseline pair was run."
