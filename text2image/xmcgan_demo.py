@@ -263,7 +263,7 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float) -> 
                "published.", "",
                *_table({"XMC-GAN": scores}, ref), "",
                *([f"At {steps} steps G usually follows only the caption's size: colour follows from about "
-                  f"{FOLLOWS_COLOUR_STEPS} steps (2 CPU minutes), shape and position not within 1200 steps "
+                  f"{FOLLOWS_COLOUR_STEPS} steps (2 CPU minutes), shape barely and position not within 1200 steps "
                   "(measured, `bench/results/xmcgan_ablation.md`); a larger demo budget trains longer.", ""]
                  if steps < FOLLOWS_COLOUR_STEPS else []),
                "The ablation of the contrastive terms is `python bench/xmcgan_ablation.py` (too long for the "
