@@ -6,11 +6,11 @@ import argparse
 import importlib
 
 KINDS = {
-    "retrieval": ("evaluation.retrieval_cli", "R@K / MdR / MnR from a similarity matrix (texts x videos)"),
+    "retrieval": ("evaluation.retrieval_cli", "R@K / MdR / MnR of a benchmark split from a similarity matrix, saved embeddings or a checkpoint"),
     "generation": ("evaluation.generation_cli",
                    "FID / KID / IS / precision-recall / R-precision of a generator checkpoint, image folders "
                    "or saved features"),
-    "probe": ("evaluation.probe_cli", "linear probe and kNN on frozen clip-averaged video features"),
+    "probe": ("evaluation.probe_cli", "linear probe and kNN on frozen features: a video encoder checkpoint (clip-averaged) or a GAN discriminator (--gan-checkpoint)"),
 }
 
 
