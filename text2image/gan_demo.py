@@ -255,8 +255,9 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
                f"`train.max_steps` to fit the {budget_s:.0f} s budget. Scores of {eval_samples} EMA-generator "
                "samples from the shapes evaluator: **class acc** = share of samples the classifier reads as the "
                "shape they were generated for (conditional G only); **colour / size / position** = agreement "
-               "of the predicted attribute histogram with the real training set's (1 - total variation; 1 = "
-               f"same distribution); **shapes-FD** = Fréchet distance of evaluator features, {NOT_COMPARABLE}.", "",
+               "of the attribute histogram the evaluator predicts on the samples with the one it predicts on "
+               "the real training images (1 - total variation; 1 = same distribution; the real row, from few "
+               f"images, carries sampling noise); **shapes-FD** = Fréchet distance of evaluator features, {NOT_COMPARABLE}.", "",
                header, "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
                f"**As measured here:** {verdict}", ""]
     for name, label, caption in images:
