@@ -43,3 +43,20 @@ def test_demo_stage_tiny_budget(tmp_path):
     assert 0.0 <= g["real"]["class_accuracy"] <= 1.0 and g["chance"]["class_accuracy"] == 0.2
     assert "ContraGAN" in g["verdict"] and "ContraD" in g["verdict"]
     assert (tmp_path / "gan_losses.png").is_file()
+
+
+def test_verdict_needs_a_margin_beyond_noise():
+    from text2image.gan_demo import _verdict
+
+    def runs(acc_a, acc_b, fd_a, fd_b):
+        return {"contragan": {"label": "ContraGAN", "class_accuracy": acc_a, "n": 500},
+                "biggan": {"label": "BigGAN", "class_accuracy": acc_b, "n": 500},
+                "contrad": {"label": "ContraD", "shapes_fd": fd_a},
+                "contrad-std": {"label": "plain", "shapes_fd": fd_b}}
+
+    level = _verdict(runs(0.25, 0.25, 1350.3, 1387.3))      # the demo's tie and a 3% FD gap
+    assert level.count("is within noise of") == 2 and "beats" not in level
+    clear = _verdict(runs(0.60, 0.25, 500.0, 1400.0))
+    assert clear.count("beats") == 2
+    worse = _verdict(runs(0.20, 0.30, 1600.0, 1000.0))
+    assert worse.count("is behind") == 2

@@ -25,6 +25,7 @@ is **not comparable with published FID**. The real validation images give the ce
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -281,8 +282,15 @@ def _verdict(results: dict[str, dict[str, Any]]) -> str:
         if a not in results or b not in results or key not in results[a] or key not in results[b]:
             continue
         va, vb = results[a][key], results[b][key]
-        better = va > vb if higher else va < vb
+        if higher:   # an accuracy over n samples each: two binomial standard errors of the difference
+            n = float(results[a].get("n", 500))
+            margin = 2.0 * math.sqrt((va * (1 - va) + vb * (1 - vb)) / n)
+        else:        # a Frechet distance from one sample set each: 10% of the baseline's value
+            margin = 0.1 * abs(vb)
+        gain = (va - vb) if higher else (vb - va)
+        outcome = ("beats" if gain > margin else "is behind" if gain < -margin else
+                   "is within noise of")
         values = f"{va:.2f} vs {vb:.2f}, chance 0.20" if higher else f"{va:.1f} vs {vb:.1f}, lower is better"
-        parts.append(f"{results[a]['label']} {'beats' if better else 'does not beat'} its plain baseline on "
-                     f"{what} ({values})")
+        parts.append(f"{results[a]['label']} {outcome} its plain baseline on {what} ({values}; "
+                     f"noise margin {margin:.2g})")
     return "; ".join(parts) + "." if parts else "no method/baseline pair was run."
