@@ -34,7 +34,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="where the report, data and runs go")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the engine's test method")
-    parser.add_argument("--budget", type=float, default=420.0,
+    parser.add_argument("--budget", type=float, default=480.0,
                         help="seconds of training shared by the method stages (the whole demo adds about 1 min)")
     parser.add_argument("--skip-bench", action="store_true", help="leave out the loss benchmark")
 
@@ -262,10 +262,10 @@ def _contragan_run(out: Path, report: list[str], summary: dict, budget_s: float)
 # evaluates on the embedded data within about ``budget_s`` seconds and appends its markdown section to
 # ``report``. Where a subsystem has no such function, its plain training run (fallback) stands in.
 METHOD_STAGES = (
-    ("VideoMoCo: pretraining and probes on moving digits", "video.finetune:demo_stage", 0.22, _videomoco_run),
-    ("Contrastive GAN discriminators on shapes", "text2image.gan_demo:demo_stage", 0.38, _contragan_run),
-    ("XMC-GAN text-to-image on shapes", "text2image.xmcgan_demo:demo_stage", 0.22, None),
-    ("Support-set video-text retrieval on moving digits", "video.supportset:demo_stage", 0.18, None),
+    ("VideoMoCo: pretraining and probes on moving digits", "video.finetune:demo_stage", 0.17, _videomoco_run),
+    ("Contrastive GAN discriminators on shapes", "text2image.gan_demo:demo_stage", 0.45, _contragan_run),
+    ("XMC-GAN text-to-image on shapes", "text2image.xmcgan_demo:demo_stage", 0.25, None),
+    ("Support-set video-text retrieval on moving digits", "video.supportset:demo_stage", 0.13, None),
 )
 
 
