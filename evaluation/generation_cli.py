@@ -372,6 +372,13 @@ def evaluate_images(args: argparse.Namespace) -> dict:
         rp_info = {**rp_encoder.info, "captions": f"{args.rp_split} split, one random caption per image",
                    "num_candidates": args.rp_candidates,
                    "protocol": "AttnGAN / DM-GAN (evaluation.generation.r_precision)"}
+        from evaluation.rprecision import CLIPDualEncoder
+
+        if isinstance(rp_encoder, CLIPDualEncoder):
+            # CLIP score of each image with the caption it was generated from (w = 100, as torchmetrics)
+            from evaluation.extractors import clip_score
+
+            metrics["clip_score"] = clip_score(np.concatenate(image_emb), rp_encoder.embed_texts(captions))
     result: dict[str, Any] = {
         "metrics": metrics, "num_fake": int(fake_out["n"]), "seed": args.seed, "extractor": extractor.info,
         "real": real_prov, "generator": generator_info, "protocol": {
@@ -399,7 +406,8 @@ def markdown_table(metrics: dict) -> str:
     for key, name, scale in (("kid", "KID (x1e3)", 1e3), ("is", "IS", 1.0), ("r_precision", "R-precision (%)", 100.0)):
         if f"{key}_mean" in metrics:
             rows.append(f"| {name} | {metrics[key + '_mean'] * scale:.4f} | {metrics[key + '_std'] * scale:.4f} |")
-    for key, name in (("precision", "precision"), ("recall", "recall"), ("class_accuracy", "class accuracy")):
+    for key, name in (("precision", "precision"), ("recall", "recall"), ("class_accuracy", "class accuracy"),
+                      ("clip_score", "CLIP score (w = 100)")):
         if key in metrics:
             rows.append(f"| {name} | {metrics[key]:.4f} | |")
     return "\n".join(rows)

@@ -186,3 +186,33 @@ def test_text_generator_images_follow_caption_order_not_batches(tiny_xmcgan_run)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     swapped = torch.cat(list(generate_from_captions(lg, [captions[1], captions[0], *captions[2:]], seed=3)))
     assert not torch.allclose(swapped[0], a[0]) and torch.allclose(swapped[2:], a[2:], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_text_generator_with_a_clip_folder_reports_clip_score(tiny_xmcgan_run, tmp_path, monkeypatch):
+    """--rp-encoder CLIP_FOLDER: R-precision and CLIP score of each image with its own caption, equal to
+    100 * mean(max(cos, 0)) recomputed here from the same images and captions."""
+    from cmgen.generate_cli import load_generator
+    from evaluation.rprecision import CLIPDualEncoder, evaluation_captions, generate_from_captions
+    from tests.test_generation_metrics import write_tiny_clip
+
+    monkeypatch.setattr(shapes_eval, "_TRAIN_IMAGES", 400)
+    monkeypatch.setattr(shapes_eval, "_EPOCHS", 1)
+    clip = tmp_path / "clip"
+    write_tiny_clip(clip)
+    out, md = tmp_path / "x.json", tmp_path / "x.md"
+    with pytest.warns(RuntimeWarning):
+        assert main(["eval", "generation", "--checkpoint", str(tiny_xmcgan_run), "--extractor", "shapes", "--n", "10",
+                     "--batch-size", "4", "--rp-encoder", str(clip), "--seed", "2", "--fid-method", "eigh",
+                     "--no-progress", "--device", "cpu", "--stats-cache", str(tmp_path / "c"), "--out", str(out),
+                     "--markdown", str(md)]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert "r_precision_mean" in m and "CLIP score" in md.read_text()
+    lg = load_generator(tiny_xmcgan_run)
+    captions, _ = evaluation_captions(lg.method, 10, seed=2)
+    images = torch.cat(list(generate_from_captions(lg, captions, seed=2, batch_size=10)))
+    enc = CLIPDualEncoder(clip)
+    ie = torch.as_tensor(enc.embed_images(images), dtype=torch.float64)
+    te = torch.as_tensor(enc.embed_texts(captions), dtype=torch.float64)
+    cos = [float(ie[i] @ te[i] / (ie[i].norm() * te[i].norm())) for i in range(10)]
+    assert m["clip_score"] == pytest.approx(100.0 * sum(max(c, 0.0) for c in cos) / 10, abs=1e-3)

@@ -535,12 +535,10 @@ def test_word_vocab_pads_and_marks_unknown_words():
     assert ids[0, 2] == ids[1, 2] == v.index["circle"]
 
 
-def test_clip_dual_encoder_from_a_local_folder(tmp_path):
-    """A tiny random CLIP saved with save_pretrained (tokenizer: the packaged MiniLM's) loads offline and
-    embeds images and captions into one unit-norm space, as the model's own get_*_features do."""
+def write_tiny_clip(folder) -> None:
+    """A tiny random CLIP saved with save_pretrained into ``folder`` (tokenizer: the packaged MiniLM's)."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
-    from evaluation import rprecision
     from text2image.text_encoder import default_text_encoder_path
 
     tok = AutoTokenizer.from_pretrained(str(default_text_encoder_path()), local_files_only=True)
@@ -549,8 +547,16 @@ def test_clip_dual_encoder_from_a_local_folder(tmp_path):
                                       eos_token_id=tok.sep_token_id, **small),
                      vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=8)
     torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    CLIPModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def test_clip_dual_encoder_from_a_local_folder(tmp_path):
+    """A tiny random CLIP loads offline and embeds images and captions into one unit-norm space, as the
+    model's own get_*_features do."""
+    from evaluation import rprecision
+
+    write_tiny_clip(tmp_path)
     enc = rprecision.load_dual_encoder(str(tmp_path))
     assert isinstance(enc, rprecision.CLIPDualEncoder) and enc.info["sha256"]
     images = torch.rand(3, 3, 64, 64)
