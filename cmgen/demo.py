@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
@@ -283,6 +284,16 @@ def _stage_function(target: str):
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the method stages' embedded datasets go under the demo's folder too (not ./data), unless the user
+    # chose a data location
+    os.environ.setdefault("CMGEN_DATA", str((out / "data").resolve()))
+    from cmgen.generate_cli import quiet_progress_bars
+
+    with quiet_progress_bars():      # no "Loading weights" bar each time a stage loads the text encoder
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
     start = time.time()
     report = ["# cmgen demo report", "",
               f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · "
