@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.multiproc import free_port  # below the ephemeral range: no race with bind(0) elsewhere
 
 
 def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> None:
@@ -33,5 +28,5 @@ def run_distributed(fn, world_size: int = 2, args: tuple = ()) -> list:
     ``fn`` must be a module-level function (it is pickled) and return something ``torch.save`` can write.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
