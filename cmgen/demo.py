@@ -196,6 +196,19 @@ def _demo_bench(out: Path, report: list[str], summary: dict) -> None:
 _NOT_PLOTTED = ("step", "epoch", "time", "steps_per_sec", "lr/", "grad_norm/")
 
 
+def probe_speed(result, steps: int, seconds: float) -> tuple[float, float]:
+    """``(steps per second, fixed seconds)`` of a timed ``steps``-step probe run: the engine's logged
+    training speed, and what the run cost beyond its steps (data, model build, evaluation)."""
+    speed = float(result.metrics.get("steps_per_sec") or steps / seconds)
+    return speed, max(seconds - steps / speed, 0.0)
+
+
+def steps_within(seconds: float, speed: float, fixed: float, minimum: int) -> int:
+    """Steps of one run that fit ``seconds`` at ``speed`` steps/s after its ``fixed`` cost (10% margin),
+    at least ``minimum`` (so a tiny budget overruns rather than training nothing)."""
+    return max(minimum, int((seconds - fixed) * speed * 0.9))
+
+
 def _train_and_report(out: Path, config: Path, run_name: str, steps: int, overrides: list[str], title: str,
                       blurb: str, report: list[str], summary: dict) -> None:
     """Train ``config`` for ``steps`` steps under ``out/runs/run_name`` and add its section to the report:

@@ -217,6 +217,7 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float) -> 
     the main run then gets the steps that fit what is left (at least ``MIN_STEPS``). The shapes evaluator is
     trained first if the demo has not trained it yet (about a CPU minute, counted in the budget).
     """
+    from cmgen.demo import probe_speed, steps_within
     from cmgen.generate_cli import load_generator
     from text2image.data import ShapesAttributes, load_image
 
@@ -228,10 +229,9 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float) -> 
     probe, _ = train_run(out, "xmcgan-probe", probe_steps, RUN_OVERRIDES, data_root=root)
     probe_s = time.perf_counter() - t0
     shutil.rmtree(probe.run_dir, ignore_errors=True)
-    speed = float(probe.metrics.get("steps_per_sec") or probe_steps / probe_s)
-    overhead = max(probe_s - probe_steps / speed, 0.0)
+    speed, overhead = probe_speed(probe, probe_steps, probe_s)
     left = budget_s - (time.perf_counter() - t_start) - 10.0          # ~10 s to score and draw
-    steps = max(MIN_STEPS, int((left - overhead) * speed * 0.9))
+    steps = steps_within(left, speed, overhead, minimum=MIN_STEPS)
     t0 = time.perf_counter()
     result, cpu_s = train_run(out, "xmcgan", steps, RUN_OVERRIDES, data_root=root)
     train_s = time.perf_counter() - t0

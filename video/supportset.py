@@ -681,6 +681,7 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float) -> 
     support-set variant, against chance. A 10-step probe run measures the training speed and the fixed
     cost of a run; the step count is then chosen so that the five runs fit ``budget_s`` (at least 10
     steps each, so a tiny budget overruns)."""
+    from cmgen.demo import probe_speed, steps_within
     from cmgen.engine.registry import load_config
     from cmgen.engine.trainer import train
 
@@ -695,11 +696,8 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float) -> 
     probe = train(load_config(config, common + ["run.name=supportset-probe", f"train.max_steps={probe_steps}",
                                                 f"train.eval_every={probe_steps}", f"train.log_every={probe_steps}"]))
     probe_s = time.perf_counter() - t0
-    # the probe's training speed (logged by the engine) and its fixed cost (data, model build, eval)
-    speed = float(probe.metrics.get("steps_per_sec") or probe_steps / probe_s)
-    overhead = max(probe_s - probe_steps / speed, 0.0)
-    per_run = (budget_s - probe_s) / len(DEMO_RUNS)
-    steps = max(10, int((per_run - overhead) * speed * 0.9))
+    speed, overhead = probe_speed(probe, probe_steps, probe_s)
+    steps = steps_within((budget_s - probe_s) / len(DEMO_RUNS), speed, overhead, minimum=10)
     rows, results = [], {}
     for name, overrides in DEMO_RUNS:
         cfg = load_config(config, common + overrides + [f"run.name=supportset-{name.split()[0]}",

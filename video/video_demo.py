@@ -54,14 +54,16 @@ def _finetune_overrides(name: str, steps: int, label: str, init_from: Path | Non
                                     f"model.init_from={'null' if init_from is None else init_from}"]
 
 
-def _timed_train(cfg) -> tuple[object, float, float]:
-    """Train ``cfg`` (its earlier run directory removed); ``(result, wall seconds, steps per second)``."""
+def _timed_train(cfg) -> tuple[object, float, float, float]:
+    """Train ``cfg`` (its earlier run directory removed); ``(result, wall seconds, steps per second,
+    fixed seconds)`` (:func:`cmgen.demo.probe_speed`)."""
+    from cmgen.demo import probe_speed
     from cmgen.engine.trainer import run_dir_of, train
     shutil.rmtree(run_dir_of(cfg), ignore_errors=True)
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
-    return result, seconds, float(result.metrics.get("steps_per_sec") or cfg.train.max_steps / seconds)
+    return (result, seconds, *probe_speed(result, cfg.train.max_steps, seconds))
 
 
 @torch.no_grad()
@@ -171,6 +173,7 @@ def demo_stage(out: str | Path, report: list[str], summary: dict, budget_s: floa
     a tiny budget overruns). Adds a report section (table, bar chart, dropped-frame samples) and
     ``summary["videomoco_demo"]``."""
     from accelerate.utils import set_seed
+    from cmgen.demo import steps_within
     from cmgen.engine.registry import load_config
     from evaluation.probe import chance_accuracy, knn_accuracy, linear_probe
     from video.backbones import build_backbone
@@ -195,21 +198,20 @@ def demo_stage(out: str | Path, report: list[str], summary: dict, budget_s: floa
     probe_steps = 10
     vm_probe = _pretrain_overrides("videomoco-demo-probe", probe_steps, plain=False)
     vm_probe += ["model.adversarial_start_step=0", "train.checkpoint_every=0"]
-    _, vm_s, vm_speed = _timed_train(load_config(PRETRAIN_CONFIG, place + vm_probe))
-    _, ft_s, ft_speed = _timed_train(load_config(FINETUNE_CONFIG, place + _finetune_overrides(
+    _, _, vm_speed, vm_fixed = _timed_train(load_config(PRETRAIN_CONFIG, place + vm_probe))
+    _, _, ft_speed, ft_fixed = _timed_train(load_config(FINETUNE_CONFIG, place + _finetune_overrides(
         "finetune-demo-probe", probe_steps, "direction", None)))
-    vm_fixed, ft_fixed = max(vm_s - probe_steps / vm_speed, 0.0), max(ft_s - probe_steps / ft_speed, 0.0)
     t = phase("data and speed probes", t)
     left = budget_s - (time.perf_counter() - start) - 8.0           # ~8 s: features, probes, plots
     # 60% of what is left for the two pretraining runs (MoCo steps cost less: counted at G's speed); the
     # six fine-tunes get what is left after the frozen-feature probes
-    pre_steps = max(10, int((0.6 * left - 2 * vm_fixed) * vm_speed / 2 * 0.9))
+    pre_steps = steps_within(0.6 * left / 2, vm_speed, vm_fixed, minimum=10)
 
     # pretraining
     pre = {}
     for enc, name, plain in (("VideoMoCo", "videomoco-demo", False), ("plain MoCo", "moco-demo", True)):
         cfg = load_config(PRETRAIN_CONFIG, place + _pretrain_overrides(name, pre_steps, plain))
-        result, seconds, _ = _timed_train(cfg)
+        result, seconds, _, _ = _timed_train(cfg)
         pre[enc] = {"run_dir": result.run_dir, "seconds": seconds,
                     "final_loss_d": float(result.metrics.get("loss_d", float("nan")))}
     vm_cfg = load_config(PRETRAIN_CONFIG, place)
@@ -237,14 +239,14 @@ def demo_stage(out: str | Path, report: list[str], summary: dict, budget_s: floa
             r["linear"] = linear_probe(f["train"], y["train"], f["test"], y["test"])["top1"]
     t = phase("features and probes", t)
     left = budget_s - (time.perf_counter() - start) - 2.0
-    ft_steps = max(5, int((left - 6 * ft_fixed) * ft_speed / 6 * 0.9))
+    ft_steps = steps_within(left / 6, ft_speed, ft_fixed, minimum=5)
     ft_seconds = 0.0
     for e in ENCODERS:
         for lab in LABELS:
             slug = e.split()[-1].lower() if e != "random init" else "random"
             cfg = load_config(FINETUNE_CONFIG, place + _finetune_overrides(f"finetune-demo-{slug}-{lab}", ft_steps, lab,
                                                                           init[e]))
-            result, seconds, _ = _timed_train(cfg)
+            result, seconds, _, _ = _timed_train(cfg)
             ft_seconds += seconds
             results[e][lab]["finetune"] = float(result.metrics["eval/top1"])
 
