@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,8 @@ from PIL import Image
 from cmgen.cli import main
 from evaluation import generation_cli, shapes_eval
 from evaluation.inception import WEIGHTS_ENV, InceptionWeightsError
-from tests.test_export_generate import tiny_gan_run  # noqa: F401  (session fixture: a 2-step ContraGAN run)
+from tests.test_export_generate import tiny_gan_run, tiny_xmcgan_run  # noqa: F401  (session fixtures: 2-step
+#                                                                       ContraGAN and XMC-GAN runs)
 
 
 @pytest.fixture()
@@ -124,23 +124,6 @@ def test_fid_hook_during_training_and_best_checkpoint(tmp_path, monkeypatch):
     # keep_last=1 keeps the newest checkpoint and the best one (the one best when the newest was written)
     kept = {p.name for p in (result.run_dir / "checkpoints").glob("step_*")}
     assert {ckpt.name, "step_000004"} <= kept <= {"step_000002", "step_000004"}
-
-
-XMC_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xmcgan" / "shapes.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_xmcgan_run(tmp_path_factory):
-    """2 steps of the XMC-GAN shapes config (its smoke sizes), one checkpoint."""
-    from cmgen.engine.registry import load_config
-    from cmgen.engine.trainer import train
-
-    out = tmp_path_factory.mktemp("xmc")
-    cfg = load_config(XMC_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2",
-                                   "train.sample_every=0", "train.checkpoint_every=2", "train.log_every=1",
-                                   "train.progress_bar=false", "train.trackers=[]", "data.num_images=48",
-                                   "train.batch_size=8", "gan.samples_per_class=4"])
-    return train(cfg).run_dir
 
 
 @pytest.mark.slow
