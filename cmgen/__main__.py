@@ -1,5 +1,3 @@
-import sys
+from cmgen.cli import entry
 
-from cmgen.cli import main
-
-sys.exit(main())
+entry()

@@ -9,7 +9,10 @@ Errors in what the user gave (a config, an override, a data path, an input file,
 one line, ``cmgen: error: <message>``, and exit status 2; ``--debug`` (anywhere on the command line)
 shows the traceback instead. A failed collective of a multi-process run (a peer rank hung past
 ``train.collective_timeout_s`` or died, :class:`cmgen.errors.CollectiveError`) is one line too, on each
-rank that saw it, with exit status 1. A module may name the destination of its ``key=value`` positionals in
+rank that saw it, with exit status 1, and that process ends with ``os._exit`` once its output is flushed
+(:func:`entry`): a process group whose peer died leaves gloo/NCCL threads that abort the interpreter's
+shutdown ("terminate called without an active exception", status -6) if normal exit runs their
+destructors. Checkpoints and trackers are closed before the error reaches the CLI. A module may name the destination of its ``key=value`` positionals in
 ``EXTRA_POSITIONALS``; then such items are accepted after options too (``cmgen train C --output-dir D
 a=1``).
 """
@@ -49,7 +52,44 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+# set by main() when a CollectiveError ended the command; entry() then skips interpreter shutdown
+_collective_failed = False
+
+
+def entry() -> None:
+    """``cmgen`` / ``python -m cmgen``: exit with :func:`main`'s status.
+
+    After a failed collective the process leaves with ``os._exit`` (streams and logging flushed first):
+    the broken process group's C++ threads would otherwise abort interpreter shutdown with SIGABRT and
+    replace the documented status 1 with -6. :func:`main` itself returns (or, with ``--debug``, raises),
+    so it stays callable in-process (tests, notebooks).
+    """
+    from cmgen.errors import CollectiveError
+
+    try:
+        code = main()
+    except CollectiveError:                 # --debug: the traceback, then the same hard exit
+        import traceback
+
+        traceback.print_exc()
+        code, failed = EXIT_COLLECTIVE_ERROR, True
+    else:
+        failed = _collective_failed
+    if failed:
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _collective_failed
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -83,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except CollectiveError as err:          # the message names this rank; the peers print their own
         print(f"cmgen: error: {one_line(err)}", file=sys.stderr)
+        _collective_failed = True
         return EXIT_COLLECTIVE_ERROR
     except (UserError, *_INPUT_ERRORS) as err:
         if isinstance(err, UserError) and _rank() != 0:
@@ -94,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

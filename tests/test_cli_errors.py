@@ -236,3 +236,46 @@ def test_collective_error_is_one_line_on_every_rank_and_debug_keeps_the_cause(mo
     with pytest.raises(CollectiveError) as err:
         main(["--debug", "train", TOY, *QUIET])
     assert isinstance(err.value.__cause__, RuntimeError) and "Timed out" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_after_a_collective_failure_the_process_skips_interpreter_shutdown(monkeypatch, capsys, debug):
+    # A process group whose peer died can abort normal interpreter shutdown from its C++ threads
+    # ("terminate called without an active exception", status -6); entry() leaves with os._exit(1).
+    import cmgen.cli as cli
+    from cmgen.engine import trainer
+    from cmgen.errors import CollectiveError
+
+    def dead_peer(cfg):
+        raise CollectiveError("[rank 0 of 2] after 3 completed step(s): another process dropped its connection")
+
+    class HardExit(BaseException):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise HardExit                      # os._exit does not return
+
+    exits = []
+    monkeypatch.setattr(trainer, "train", dead_peer)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli, "_collective_failed", False)
+    monkeypatch.setattr(sys, "argv", ["cmgen", *(["--debug"] if debug else []), "train", TOY, *QUIET])
+    with pytest.raises(HardExit):
+        cli.entry()
+    err = capsys.readouterr().err
+    assert exits == [1], exits
+    assert ("Traceback" in err) == debug and "another process dropped its connection" in err, err
+
+
+def test_an_ordinary_error_exits_normally(monkeypatch, capsys, tmp_path):
+    import cmgen.cli as cli
+
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(cli, "_collective_failed", False)
+    monkeypatch.setattr(sys, "argv", ["cmgen", "train", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit) as stop:
+        cli.entry()
+    assert stop.value.code == 2 and exits == [], exits
+    assert "missing.yaml" in one_error_line(capsys)
