@@ -21,7 +21,7 @@ import json
 import shutil
 from pathlib import Path
 
-from cmgen.generate_cli import EXPORT_META, load_generator, quiet_progress_bars
+from cmgen.generate_cli import EXPORT_META, checkpoint_generator_state, load_generator, quiet_progress_bars
 
 __all__ = ["export_generator", "add_arguments", "run"]
 
@@ -42,6 +42,9 @@ def export_generator(source: str | Path, out: str | Path, *, which: str = "lates
     if not isinstance(lg.g, ModelMixin):
         raise ValueError(f"the generator of {source} ({type(lg.g).__module__}.{type(lg.g).__qualname__}) is not a "
                          f"diffusers ModelMixin, so it cannot be saved with save_pretrained")
+    # the checkpoint's own buffers, not those eval() refreshed on loading: the export's eval() refreshes
+    # spectral-norm u, v from the same start, so it samples what the checkpoint samples
+    lg.g.load_state_dict(checkpoint_generator_state(Path(lg.source["checkpoint"]), lg.source["weights"] == "ema"))
     cls = type(lg.g)
     meta = {"format": 1, "class": f"{cls.__module__}:{cls.__qualname__}", "output_range": list(lg.output_range),
             "num_classes": lg.num_classes, "conditioning": lg.conditioning, "z_dim": lg.z_dim,

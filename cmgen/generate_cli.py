@@ -184,8 +184,20 @@ def _text_pipeline(method: Any, g: nn.Module):
     return XMCGANPipeline.from_text_encoder(g, text)
 
 
+def checkpoint_generator_state(ckpt: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """The generator's state dict as the checkpoint stores it (EMA or live weights), buffers included.
+
+    ``eval()`` of a spectral-norm generator refreshes its ``u``, ``v`` from these; ``cmgen export`` saves
+    these rather than the refreshed ones, so that loading the export and calling ``eval()`` runs the same
+    power iterations from the same start and samples exactly what the checkpoint samples.
+    """
+    from cmgen.engine.checkpoint import load_ema_state, load_model_state
+
+    return load_ema_state(ckpt, "g") if ema else load_model_state(ckpt, "g")
+
+
 def _load_from_checkpoint(ckpt: Path, device: torch.device, use_ema: bool) -> LoadedGenerator:
-    from cmgen.engine.checkpoint import load_ema_state, load_model_state, read_engine_state
+    from cmgen.engine.checkpoint import read_engine_state
     from cmgen.engine.registry import load_config, resolve_method
 
     cfg = load_config(ckpt / "config.yaml")
@@ -197,7 +209,7 @@ def _load_from_checkpoint(ckpt: Path, device: torch.device, use_ema: bool) -> Lo
     g = models["g"]
     state = read_engine_state(ckpt)
     ema = use_ema and "ema/g" in state["custom"]
-    g.load_state_dict(load_ema_state(ckpt, "g") if ema else load_model_state(ckpt, "g"))
+    g.load_state_dict(checkpoint_generator_state(ckpt, ema))
     g = g.to(device).eval()
     num_classes = int(_config_get(g, "num_classes", getattr(method, "num_classes", 0) or 0) or 0)
     conditioning = _config_get(g, "conditioning", None) or ("class" if num_classes > 0 else "none")

@@ -69,6 +69,15 @@ def test_export_then_generate_gives_the_run_images(tiny_gan_run, tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         _run(export_cli, [str(tiny_gan_run), "--out", str(exported)])
 
+    # the export holds the checkpoint's own tensors (spectral-norm u, v as trained, not as eval() refreshed
+    # them on loading), so loading it and calling eval() repeats the checkpoint's power iterations exactly
+    from safetensors.torch import load_file
+    saved = {k: v for f in sorted(exported.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    stored = generate_cli.checkpoint_generator_state(resolve_checkpoint(tiny_gan_run), ema=True)
+    assert saved.keys() == stored.keys() and any(k.endswith("_u") for k in saved), sorted(saved)[:8]
+    for k in saved:
+        assert torch.equal(saved[k], stored[k]), k
+
     from_run = _images(load_generator(tiny_gan_run), 5, 7, class_id=2)
     from_export = _images(load_generator(exported), 5, 7, class_id=2)
     torch.testing.assert_close(from_export, from_run, rtol=1e-5, atol=1e-6)
