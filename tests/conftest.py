@@ -78,3 +78,37 @@ def toy_one_process_run(tmp_path_factory):
         else:
             os.environ[DUMP_ENV] = saved
     return Path(out / "one"), out / "one-dump"
+
+
+# 2-step generator runs shared by the export/generate and generation-evaluation tests (one each per session)
+GAN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "contragan" / "shapes.yaml"
+XMC_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xmcgan" / "shapes.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_gan_run(tmp_path_factory):
+    """2 steps of the ContraGAN shapes config (EMA on from step 0), one checkpoint."""
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("gan")
+    cfg = load_config(GAN_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2",
+                                   "train.sample_every=0", "train.checkpoint_every=2", "train.log_every=1",
+                                   "train.progress_bar=false", "train.trackers=[]", "data.num_images=64",
+                                   "gan.n_dis=1", "train.batch_size=8", "ema.start_step=0"])
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_xmcgan_run(tmp_path_factory):
+    """2 steps of the XMC-GAN shapes config with a tiny random text encoder and tiny widths."""
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("xmcgan")
+    cfg = load_config(XMC_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2", "train.sample_every=0",
+                                   "train.checkpoint_every=2", "train.log_every=1", "train.progress_bar=false",
+                                   "train.trackers=[]", "data.num_images=48", "train.batch_size=8",
+                                   "gan.samples_per_class=2", "text.random_init=true", "text.cache=null",
+                                   "model.gf_dim=4", "model.df_dim=4", "model.z_dim=8"])
+    return train(cfg).run_dir

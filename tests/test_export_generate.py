@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,21 +13,7 @@ from cmgen import export_cli, generate_cli
 from cmgen.cli import main
 from cmgen.generate_cli import EXPORT_META, load_generator, resolve_checkpoint, sample_images
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "contragan" / "shapes.yaml"
-
-
-@pytest.fixture(scope="session")
-def tiny_gan_run(tmp_path_factory):
-    """2 steps of the ContraGAN shapes config (EMA on from step 0), one checkpoint."""
-    from cmgen.engine.registry import load_config
-    from cmgen.engine.trainer import train
-
-    out = tmp_path_factory.mktemp("gan")
-    cfg = load_config(CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2", "train.sample_every=0",
-                               "train.checkpoint_every=2", "train.log_every=1", "train.progress_bar=false",
-                               "train.trackers=[]", "data.num_images=64", "gan.n_dis=1", "train.batch_size=8",
-                               "ema.start_step=0"])
-    return train(cfg).run_dir
+# tiny_gan_run, tiny_xmcgan_run: session fixtures in tests/conftest.py
 
 
 def _run(module, argv):
@@ -124,23 +109,7 @@ def test_text_conditioned_protocol_passes_prompts():
 
 # ------------------------------------------------------------------------------------------- XMC-GAN
 
-XMC_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xmcgan" / "shapes.yaml"
 XMC_PROMPTS = ["a small red circle in the top left", "a large blue square in the center"]
-
-
-@pytest.fixture(scope="session")
-def tiny_xmcgan_run(tmp_path_factory):
-    """2 steps of the XMC-GAN shapes config with a tiny random text encoder and tiny widths."""
-    from cmgen.engine.registry import load_config
-    from cmgen.engine.trainer import train
-
-    out = tmp_path_factory.mktemp("xmcgan")
-    cfg = load_config(XMC_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2", "train.sample_every=0",
-                                   "train.checkpoint_every=2", "train.log_every=1", "train.progress_bar=false",
-                                   "train.trackers=[]", "data.num_images=48", "train.batch_size=8",
-                                   "gan.samples_per_class=2", "text.random_init=true", "text.cache=null",
-                                   "model.gf_dim=4", "model.df_dim=4", "model.z_dim=8"])
-    return train(cfg).run_dir
 
 
 def test_xmcgan_run_generates_through_the_pipeline(tiny_xmcgan_run):

@@ -12,8 +12,6 @@ from PIL import Image
 from cmgen.cli import main
 from evaluation import generation_cli, shapes_eval
 from evaluation.inception import WEIGHTS_ENV, InceptionWeightsError
-from tests.test_export_generate import tiny_gan_run, tiny_xmcgan_run  # noqa: F401  (session fixtures: 2-step
-#                                                                       ContraGAN and XMC-GAN runs)
 
 
 @pytest.fixture()
@@ -98,7 +96,7 @@ def test_fid_hook_during_training_and_best_checkpoint(tmp_path, monkeypatch):
     from cmgen.engine.registry import load_config
     from cmgen.engine.trainer import train
     from cmgen.generate_cli import resolve_checkpoint
-    from tests.test_export_generate import CONFIG
+    from tests.conftest import GAN_CONFIG as CONFIG
 
     monkeypatch.setattr(shapes_eval, "_TRAIN_IMAGES", 400)
     monkeypatch.setattr(shapes_eval, "_EPOCHS", 1)
