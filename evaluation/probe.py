@@ -19,6 +19,8 @@ backbone features of a run's D on shapes images (class = primary shape).
 - :func:`linear_probe`: multinomial logistic regression on standardised features (train statistics),
   full-batch L-BFGS with an L2 penalty, deterministic.
 - :func:`chance_accuracy`: the accuracy of always answering the most frequent training class.
+- :func:`official_lineval`: ContraD's own linear evaluation of D (``test_lineval.py``): a linear layer
+  trained by SGD on frozen features of freshly augmented images every epoch (see its docstring).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["clip_features", "image_features", "save_features", "load_features", "knn_accuracy", "linear_probe",
-           "chance_accuracy", "probe_report"]
+           "chance_accuracy", "probe_report", "official_lineval", "lineval_crop_params", "LINEVAL_DEFAULTS"]
 
 
 def _collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,3 +188,133 @@ def probe_report(features: dict[str, torch.Tensor], ks: Sequence[int] = (1, 20),
         out[f"linear_wd{wd:g}_top1"] = linear_probe(tr, ty, te, yy, wd)["top1"]
     out["chance"] = chance_accuracy(ty, yy)
     return out
+
+
+# --- ContraD's linear evaluation protocol -----------------------------------------------------------
+LINEVAL_DEFAULTS = {"epochs": 100, "lr": 0.1, "milestones": (60, 75, 90), "gamma": 0.1, "batch_size": 256,
+                    "crop_scale": (0.2, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip_p": 0.5}
+"""jh-jeong/ContraD 4ac8ce5 ``test_lineval.py``: ``SGD(model.linear.parameters(), lr=0.1)`` (no momentum, no
+weight decay), ``MultiStepLR(gamma=0.1, milestones=[60, 75, 90])`` stepped once per epoch, 100 epochs,
+``--batch_size 256`` with ``shuffle=True``; ``datasets.py`` ``cifar10_lin`` train transform
+``RandomResizedCrop(32, scale=(0.2, 1.))`` (torchvision's default ratio (3/4, 4/3)) +
+``RandomHorizontalFlip()`` (p 0.5), test images un-augmented."""
+
+
+def lineval_crop_params(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                        generator: torch.Generator) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of one random resized crop, the algorithm of torchvision
+    ``RandomResizedCrop.get_params`` (0.29: up to 10 draws of area ``~ U(scale)`` and log-uniform aspect
+    ratio, rounded sides, first that fits; else a central crop with the ratio clamped) with the draws
+    taken from ``generator`` instead of the global RNG."""
+    import math
+
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(2, generator=generator, dtype=torch.float64)
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * float(u[0]))
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(u[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _lineval_augment(images: torch.Tensor, scale: Sequence[float], ratio: Sequence[float], flip_p: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Per image: random resized crop back to the input size (bilinear, antialiased) and a flip with
+    probability ``flip_p``. ``images (B, 3, H, W)`` in [0, 1] -> the same shape."""
+    from torchvision.transforms.v2 import functional as TF
+
+    H, W = images.shape[-2:]
+    out = []
+    for im in images:
+        top, left, h, w = lineval_crop_params(H, W, scale, ratio, generator)
+        im = TF.resized_crop(im, top, left, h, w, [H, W], antialias=True)
+        if float(torch.rand((), generator=generator)) < flip_p:
+            im = im.flip(-1)
+        out.append(im)
+    return torch.stack(out).clamp(0.0, 1.0)
+
+
+def official_lineval(extract: Callable[[torch.Tensor], torch.Tensor], train_images: torch.Tensor,
+                     train_y: torch.Tensor, test_images: torch.Tensor, test_y: torch.Tensor, *,
+                     epochs: int = 100, lr: float = 0.1, milestones: Sequence[int] | None = None,
+                     gamma: float = 0.1, batch_size: int = 256, crop_scale: Sequence[float] = (0.2, 1.0),
+                     crop_ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5, augment: bool = True,
+                     seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """ContraD's linear evaluation of a frozen discriminator (jh-jeong/ContraD 4ac8ce5 ``test_lineval.py``,
+    ``datasets.py`` ``*_lin``; defaults: :data:`LINEVAL_DEFAULTS`).
+
+    ``extract``: the frozen feature function (``(B, 3, H, W)`` in [0, 1] -> ``(B, D)``; the official
+    ``model(inputs, penultimate=True)`` in eval mode, the backbone output), called under ``no_grad``.
+    Every epoch the training images are shuffled (``DataLoader(shuffle=True)``, last batch kept), each
+    batch is augmented afresh (``augment``: random resized crop ``crop_scale`` / ``crop_ratio`` + flip,
+    as the official torchvision transforms; here on float tensors instead of PIL uint8 images), and
+    ``nn.Linear(D, classes)`` (PyTorch default init, the official ``LinearWrapper``) takes one plain SGD
+    step on the mean cross-entropy per batch; the learning rate is multiplied by ``gamma`` after each
+    epoch in ``milestones`` (default (60, 75, 90) scaled by ``epochs / 100``, so the official schedule at
+    100 epochs). After every epoch the un-augmented test images are classified; the official script logs
+    that test accuracy each epoch, and ``top1`` here is the LAST epoch's (no selection on the test set).
+    All randomness (order, crops, flips, the layer's init) comes from ``seed``.
+
+    Returns ``{"top1", "train_top1" (running accuracy of the last epoch, on augmented images),
+    "test_top1_per_epoch", "epochs", ...settings}``.
+    """
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    if train_images.dim() != 4 or test_images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got {tuple(train_images.shape)}, {tuple(test_images.shape)}")
+    if train_y.shape != (train_images.shape[0],) or test_y.shape != (test_images.shape[0],):
+        raise ValueError(f"labels must be (N,) and (M,), got {tuple(train_y.shape)}, {tuple(test_y.shape)}")
+    if milestones is None:
+        milestones = tuple(max(1, round(m * epochs / 100)) for m in LINEVAL_DEFAULTS["milestones"])
+    gen = torch.Generator().manual_seed(int(seed))
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train_y, test_y = train_y.long(), test_y.long()
+
+    @torch.no_grad()
+    def feats(x: torch.Tensor) -> torch.Tensor:
+        return extract(x.to(device)).flatten(1).float()
+
+    test_f = torch.cat([feats(test_images[s:s + batch_size]) for s in range(0, test_images.shape[0], batch_size)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        linear = nn.Linear(test_f.shape[1], num_classes).to(device)
+    opt = torch.optim.SGD(linear.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
+    per_epoch: list[float] = []
+    train_acc = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(train_images.shape[0], generator=gen)
+        correct = 0
+        for s in range(0, order.numel(), batch_size):
+            idx = order[s:s + batch_size]
+            x = train_images[idx]
+            if augment:
+                x = _lineval_augment(x, crop_scale, crop_ratio, flip_p, gen)
+            logits = linear(feats(x))
+            y = train_y[idx].to(device)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == y).sum())
+        sched.step()
+        train_acc = 100.0 * correct / order.numel()
+        with torch.no_grad():
+            per_epoch.append(100.0 * float((linear(test_f).argmax(1).cpu() == test_y).double().mean()))
+    return {"top1": per_epoch[-1], "train_top1": train_acc, "test_top1_per_epoch": per_epoch, "epochs": epochs,
+            "feature_dim": int(test_f.shape[1]),
+            "lr": lr, "milestones": list(milestones), "gamma": gamma, "batch_size": batch_size,
+            "augment": bool(augment), "crop_scale": list(crop_scale), "flip_p": flip_p, "seed": int(seed)}

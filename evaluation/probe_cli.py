@@ -1,5 +1,6 @@
 """``cmgen eval probe CONFIG [key=value ...] [--checkpoint CKPT] [--cache FEATS.safetensors] [--out probe.json]``
-and ``cmgen eval probe --gan-checkpoint RUN [--random-init] [--data-root SHAPES] [--out probe.json]``.
+and ``cmgen eval probe --gan-checkpoint RUN [--random-init] [--data-root SHAPES] [--protocol lbfgs|official]
+[--out probe.json]``.
 
 Linear probe and weighted kNN (k = 1 and 20 by default, cosine, temperature 0.07) on frozen,
 clip-averaged features of a fine-tune config's train and test videos (``configs/finetune/*.yaml``: its
@@ -15,10 +16,13 @@ last map) on a shapes data root's ``train`` images (probe training set) and ``va
 class = primary shape; ``--data-root`` defaults to the shapes data the run trained on. ``--random-init``
 builds the same D from the run's config and seed without loading its weights (the baseline). This is
 ContraD's linear evaluation of D (jh-jeong/ContraD 4ac8ce5 ``test_lineval.py``: a linear layer on the
-frozen ``penultimate`` features, D in eval mode); the official trains it by SGD for 100 epochs with
-SupContrast's crop + flip augmentation, here it is the deterministic L-BFGS probe on un-augmented,
-cached features (:func:`evaluation.probe.linear_probe`) plus the weighted kNN. The table goes to stdout
-as markdown; ``--out X.json`` also writes ``X.md``.
+frozen ``penultimate`` features, D in eval mode). ``--protocol lbfgs`` (default): the deterministic
+L-BFGS probe on un-augmented, cached features (:func:`evaluation.probe.linear_probe`) plus the weighted
+kNN. ``--protocol official``: the official training of that layer (:func:`evaluation.probe.official_lineval`:
+plain SGD lr 0.1, MultiStepLR x0.1 at epochs 60/75/90, 100 epochs (``--lineval-epochs``), batch 256,
+SupContrast's random resized crop (0.2, 1) + flip on the training images every epoch, ``--seed``),
+reported as ``linear_official_top1`` (last epoch). The table goes to stdout as markdown; ``--out
+X.json`` also writes ``X.md``.
 """
 from __future__ import annotations
 
@@ -44,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probe the discriminator of a GAN run (run dir or checkpoint) on shapes images")
     parser.add_argument("--data-root", default=None,
                         help="shapes data root for --gan-checkpoint (default: the run's shapes data)")
+    parser.add_argument("--protocol", choices=("lbfgs", "official"), default="lbfgs",
+                        help="with --gan-checkpoint: 'lbfgs' (kNN + L-BFGS logistic regression on cached, "
+                             "un-augmented features; default) or 'official' (ContraD test_lineval.py: SGD lr 0.1, "
+                             "MultiStepLR 60/75/90 x0.1, 100 epochs, batch 256, crop + flip every epoch)")
+    parser.add_argument("--lineval-epochs", type=int, default=100,
+                        help="epochs of --protocol official (default 100, the official; milestones scale with it)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --protocol official (order, crops, init)")
     parser.add_argument("--cache", default=None, help="safetensors file for the features (read when it matches)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="kNN neighbours (default 1 20)")
     parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default 0.07)")
@@ -113,11 +124,12 @@ def features_for(cfg, checkpoint: str | None, cache: str | None, batch_size: int
     return {**out, **labels}
 
 
-def discriminator_features(source: str, *, data_root: str | None = None, random_init: bool = False,
-                           batch_size: int = 256, device: str = "cpu", log=print) -> tuple[dict, dict]:
-    """``({"train_features", "train_labels", "test_features", "test_labels"}, settings)``: the frozen
-    discriminator features of a GAN run (``source``: run dir or checkpoint) on a shapes data root's
-    train / val images, class = primary shape (module docstring)."""
+def load_discriminator(source: str, *, data_root: str | None = None, random_init: bool = False,
+                       device: str = "cpu", log=print) -> tuple:
+    """``(extract, splits, settings)`` for a GAN run (``source``: run dir or checkpoint): ``extract`` maps
+    ``(B, 3, H, W)`` images in [0, 1] to the frozen D's ``out.features`` (D in eval mode, fed images in G's
+    output range); ``splits`` = ``{"train": (images, shape labels), "test": (...)}`` from the shapes
+    data root's train / val images (module docstring)."""
     from pathlib import Path
 
     import torch
@@ -126,7 +138,6 @@ def discriminator_features(source: str, *, data_root: str | None = None, random_
     from cmgen.engine.registry import load_config, resolve_method
     from cmgen.generate_cli import resolve_checkpoint
     from evaluation.generation_cli import shapes_root_of
-    from evaluation.probe import image_features
     from evaluation.shapes_eval import _load_split
 
     ckpt = resolve_checkpoint(source)
@@ -150,6 +161,7 @@ def discriminator_features(source: str, *, data_root: str | None = None, random_
     lo, hi = getattr(method, "output_range", (-1.0, 1.0))
     num_classes = int(getattr(method, "num_classes", 0) or 0)
 
+    @torch.no_grad()
     def extract(x01: torch.Tensor) -> torch.Tensor:
         x = lo + (hi - lo) * x01                     # D sees images in G's output range
         y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if num_classes else None
@@ -158,14 +170,49 @@ def discriminator_features(source: str, *, data_root: str | None = None, random_
             raise ValueError(f"the discriminator of method {cfg.method!r} returns no .features")
         return out.features
 
-    out = {}
+    splits = {}
     for name, split in (("train", "train"), ("test", "val")):
         images, targets, _ = _load_split(root, split, image_size)
-        out[f"{name}_features"] = image_features(extract, images, batch_size, device)
-        out[f"{name}_labels"] = targets["shape"]
+        splits[name] = (images, targets["shape"])
     settings = {"gan_checkpoint": str(ckpt.resolve()), "method": cfg.method, "random_init": random_init,
                 "data_root": str(root.resolve()), "splits": {"train": "train", "test": "val"}, "label": "shape"}
+    return extract, splits, settings
+
+
+def discriminator_features(source: str, *, data_root: str | None = None, random_init: bool = False,
+                           batch_size: int = 256, device: str = "cpu", log=print) -> tuple[dict, dict]:
+    """``({"train_features", "train_labels", "test_features", "test_labels"}, settings)``: the frozen
+    discriminator features of a GAN run (``source``: run dir or checkpoint) on a shapes data root's
+    train / val images, class = primary shape (module docstring)."""
+    from evaluation.probe import image_features
+
+    extract, splits, settings = load_discriminator(source, data_root=data_root, random_init=random_init,
+                                                   device=device, log=log)
+    out = {}
+    for name, (images, labels) in splits.items():
+        out[f"{name}_features"] = image_features(extract, images, batch_size, device)
+        out[f"{name}_labels"] = labels
     return out, settings
+
+
+def official_gan_lineval(source: str, *, data_root: str | None = None, random_init: bool = False,
+                         epochs: int = 100, seed: int = 0, batch_size: int = 256, device: str = "cpu",
+                         log=print) -> tuple[dict, dict]:
+    """``(metrics, settings)`` of ContraD's own linear evaluation (:func:`evaluation.probe.official_lineval`)
+    of a GAN run's frozen D on the shapes train / val images; ``metrics``: ``linear_official_top1`` (last
+    epoch), ``linear_official_train_top1`` and ``chance``."""
+    from evaluation.probe import chance_accuracy, official_lineval
+
+    extract, splits, settings = load_discriminator(source, data_root=data_root, random_init=random_init,
+                                                   device=device, log=log)
+    (tr_x, tr_y), (te_x, te_y) = splits["train"], splits["test"]
+    res = official_lineval(extract, tr_x, tr_y, te_x, te_y, epochs=epochs, batch_size=batch_size, seed=seed,
+                           device=device)
+    metrics = {"linear_official_top1": res["top1"], "linear_official_train_top1": res["train_top1"],
+               "chance": chance_accuracy(tr_y, te_y)}
+    settings = {**settings, "protocol": "official", "num_train": int(tr_x.shape[0]), "num_test": int(te_x.shape[0]),
+                "lineval": {k: v for k, v in res.items() if k not in ("top1", "train_top1")}}
+    return metrics, settings
 
 
 def _markdown(metrics: dict, title: str) -> str:
@@ -180,23 +227,35 @@ def _run_gan(args: argparse.Namespace) -> int:
     try:
         if args.config is not None or args.overrides:
             raise ValueError(f"--gan-checkpoint takes no config or overrides, got {[args.config, *args.overrides]}")
-        feats, settings = discriminator_features(args.gan_checkpoint, data_root=args.data_root,
-                                                 random_init=args.random_init, batch_size=args.batch_size or 256,
-                                                 device=args.device, log=lambda s: print(s, file=sys.stderr))
-        metrics = probe_report(feats, args.k, args.temperature, args.wd)
+        log = lambda s: print(s, file=sys.stderr)
+        if args.protocol == "official":
+            metrics, settings = official_gan_lineval(args.gan_checkpoint, data_root=args.data_root,
+                                                     random_init=args.random_init, epochs=args.lineval_epochs,
+                                                     seed=args.seed, batch_size=args.batch_size or 256,
+                                                     device=args.device, log=log)
+            dim = settings["lineval"]["feature_dim"]
+            shapes = {"train": [settings["num_train"], dim], "test": [settings["num_test"], dim]}
+        else:
+            feats, settings = discriminator_features(args.gan_checkpoint, data_root=args.data_root,
+                                                     random_init=args.random_init, batch_size=args.batch_size or 256,
+                                                     device=args.device, log=log)
+            metrics = probe_report(feats, args.k, args.temperature, args.wd)
+            shapes = {s: list(feats[f"{s}_features"].shape) for s in ("train", "test")}
     except (OSError, ValueError, ConfigError) as err:
         print(f"cmgen eval probe: error: {err}", file=sys.stderr)
         return 2
     which = "random-init D" if args.random_init else "trained D"
     md = _markdown(metrics, f"Probe of the frozen {settings['method']} discriminator features ({which}, "
                             f"{settings['gan_checkpoint']}), class = shape, "
-                            f"{feats['train_features'].shape[0]} train / {feats['test_features'].shape[0]} test images")
+                            f"{shapes['train'][0]} train / {shapes['test'][0]} test images"
+                            + (", ContraD's official linear evaluation (SGD, augmented)" if args.protocol == "official"
+                               else ""))
     print(md, end="")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        report = {"metrics": metrics, "settings": {**settings, "k": args.k, "temperature": args.temperature,
-                                                   "weight_decays": args.wd},
-                  "shapes": {s: list(feats[f"{s}_features"].shape) for s in ("train", "test")}}
+        extra = ({} if args.protocol == "official" else
+                 {"k": args.k, "temperature": args.temperature, "weight_decays": args.wd})
+        report = {"metrics": metrics, "settings": {**settings, "protocol": args.protocol, **extra}, "shapes": shapes}
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")

@@ -142,7 +142,8 @@ def test_image_features_keeps_order_and_checks_input():
 @pytest.mark.slow
 def test_cli_gan_checkpoint_probe(tmp_path, capsys):
     """A 2-step ContraD run: the random-init and the trained D both give numbers with chance beside them
-    (markdown on stdout, JSON + .md files), their features differ (the checkpoint is loaded), and
+    (markdown on stdout, JSON + .md files), --protocol official gives the SGD linear evaluation, their
+    features differ (the checkpoint is loaded), and
     config arguments next to --gan-checkpoint are refused."""
     from cmgen.cli import main
     from cmgen.engine.registry import load_config
@@ -163,9 +164,95 @@ def test_cli_gan_checkpoint_probe(tmp_path, capsys):
         assert rep["settings"]["random_init"] == bool(extra) and rep["settings"]["label"] == "shape"
         assert rep["shapes"]["train"][0] + rep["shapes"]["test"][0] == 48
         assert "| chance |" in capsys.readouterr().out and out.with_suffix(".md").is_file()
+    out = tmp_path / "official.json"
+    assert main(["eval", "probe", "--gan-checkpoint", run, "--protocol", "official", "--lineval-epochs", "2",
+                 "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["metrics"]) == {"linear_official_top1", "linear_official_train_top1", "chance"}
+    assert all(0.0 <= v <= 100.0 for v in rep["metrics"].values())
+    assert rep["settings"]["protocol"] == "official" and rep["settings"]["lineval"]["epochs"] == 2
+    assert len(rep["settings"]["lineval"]["test_top1_per_epoch"]) == 2
+    assert rep["shapes"]["train"][0] + rep["shapes"]["test"][0] == 48
+    assert "official linear evaluation" in capsys.readouterr().out
     trained, _ = discriminator_features(run, log=lambda s: None)
     random, _ = discriminator_features(run, random_init=True, log=lambda s: None)
     assert torch.equal(trained["train_labels"], random["train_labels"])
     assert not torch.allclose(trained["train_features"], random["train_features"])
     assert main(["eval", "probe", CONFIG, "--gan-checkpoint", run]) == 2
     assert "no config" in capsys.readouterr().err
+
+
+# --- ContraD's official linear evaluation (evaluation.probe.official_lineval) ----------------------------
+def test_lineval_crop_params_follow_torchvision_get_params():
+    """Same algorithm as torchvision RandomResizedCrop.get_params: every crop inside the image, and over
+    many draws the side and position statistics agree with torchvision's own (global-RNG) sampler."""
+    from torchvision.transforms import RandomResizedCrop
+    from evaluation.probe import lineval_crop_params
+    gen = torch.Generator().manual_seed(0)
+    ours = torch.tensor([lineval_crop_params(32, 32, (0.2, 1.0), (3 / 4, 4 / 3), gen) for _ in range(4000)],
+                        dtype=torch.float64)
+    torch.manual_seed(0)
+    img = torch.zeros(3, 32, 32)
+    ref = torch.tensor([RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)],
+                       dtype=torch.float64)
+    top, left, h, w = ours.unbind(1)
+    assert bool(((top >= 0) & (left >= 0) & (top + h <= 32) & (left + w <= 32) & (h >= 1) & (w >= 1)).all())
+    area = h * w / 1024
+    assert 0.18 <= float(area.min()) and float(area.max()) <= 1.0
+    for a, b in zip(ours.unbind(1), ref.unbind(1)):       # means of top, left, h, w: within 0.5 px
+        assert abs(float(a.mean() - b.mean())) < 0.5
+    assert abs(float(area.mean()) - float((ref[:, 2] * ref[:, 3] / 1024).mean())) < 0.02
+    # a ratio no crop can meet falls back to the central crop with the ratio clamped (torchvision's rule)
+    fallback = tuple(RandomResizedCrop.get_params(torch.zeros(3, 32, 16), [0.999, 1.0], [3.0, 4.0]))
+    assert lineval_crop_params(32, 16, (0.999, 1.0), (3.0, 4.0), gen) == fallback == (13, 0, 5, 16)
+
+
+def test_official_lineval_is_plain_sgd_with_the_official_defaults():
+    """One epoch, one full batch, no augmentation: exactly one SGD step (lr 0.1, no momentum, no weight
+    decay) on the mean cross-entropy from nn.Linear's default init under the seed; default milestones
+    are the official 60/75/90 at 100 epochs and scale with the epoch count."""
+    from torch import nn
+    from evaluation.probe import LINEVAL_DEFAULTS, official_lineval
+    gen = torch.Generator().manual_seed(1)
+    x_tr, y_tr = torch.rand(12, 3, 4, 4, generator=gen), torch.arange(12) % 3
+    x_te, y_te = torch.rand(6, 3, 4, 4, generator=gen), torch.arange(6) % 3
+    extract = lambda b: b.mean(dim=(2, 3))                             # (B, 3) features
+    res = official_lineval(extract, x_tr, y_tr, x_te, y_te, epochs=1, batch_size=12, augment=False, seed=5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        lin = nn.Linear(3, 3)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(5))
+    loss = F.cross_entropy(lin(extract(x_tr[perm])), y_tr[perm])
+    gw, gb = torch.autograd.grad(loss, [lin.weight, lin.bias])
+    with torch.no_grad():
+        w, b = lin.weight - 0.1 * gw, lin.bias - 0.1 * gb
+        expect = 100.0 * float(((extract(x_te) @ w.T + b).argmax(1) == y_te).double().mean())
+    assert res["top1"] == expect and res["test_top1_per_epoch"] == [expect]
+    assert LINEVAL_DEFAULTS["milestones"] == (60, 75, 90) and LINEVAL_DEFAULTS["lr"] == 0.1
+    assert LINEVAL_DEFAULTS["epochs"] == 100 and LINEVAL_DEFAULTS["batch_size"] == 256
+    assert official_lineval(extract, x_tr, y_tr, x_te, y_te, epochs=10, augment=False)["milestones"] == [6, 8, 9]
+
+
+def test_official_lineval_learns_a_separable_task_and_is_seeded():
+    """Class = which colour channel is bright (crop- and flip-invariant): the SGD probe on mean-colour
+    features learns it through the augmentation; the same seed gives the same curve, another seed
+    another order."""
+    from evaluation.probe import official_lineval
+    gen = torch.Generator().manual_seed(0)
+
+    def make(n):
+        y = torch.arange(n) % 3
+        x = 0.2 * torch.rand(n, 3, 8, 8, generator=gen)
+        x[torch.arange(n), y] += 0.6
+        return x, y
+    (x_tr, y_tr), (x_te, y_te) = make(60), make(30)
+    extract = lambda b: b.mean(dim=(2, 3)) * 10.0
+    a = official_lineval(extract, x_tr, y_tr, x_te, y_te, epochs=30, batch_size=16, seed=3)
+    b = official_lineval(extract, x_tr, y_tr, x_te, y_te, epochs=30, batch_size=16, seed=3)
+    assert a["top1"] >= 90.0 and a["test_top1_per_epoch"] == b["test_top1_per_epoch"]
+    assert a["augment"] and a["train_top1"] >= 80.0
+    from evaluation.probe import _lineval_augment
+    aug = [_lineval_augment(x_tr[:8], (0.2, 1.0), (3 / 4, 4 / 3), 0.5, torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    assert torch.equal(aug[0], aug[1]) and not torch.equal(aug[0], aug[2]) and aug[0].shape == x_tr[:8].shape
+    with pytest.raises(ValueError, match="epochs"):
+        official_lineval(extract, x_tr, y_tr, x_te, y_te, epochs=0)
