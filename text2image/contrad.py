@@ -48,6 +48,25 @@ this rank's slice, then DDP's mean over W processes: the contrastive gradients a
 loss's). Here ``model.gather_distributed = True`` gives the exact global-batch losses; the official
 ``_nuisance`` term (0 * projection means, for DDP's unused-parameter check) is not needed because the G
 step calls the unwrapped, frozen D.
+
+StyleGAN2 variant (``model.arch: stylegan2``; :mod:`text2image.stylegan2`): the official
+``train_stylegan2.py configs/gan/stylegan2/c10_style64.gin stylegan2 --mode=contrad --aug=simclr
+--lbd_r1=0.1 --no_lazy --halflife_k=1000 --use_warmup`` (CIFAR) and ``train_stylegan2_contraD.py
+afhq_*_style64.gin stylegan2_512 ... --lbd_r1=0.5 --halflife_k=20`` (AFHQ, lazy R1 every 16 steps) of
+EXPERIMENTS.md. G = StyleGAN2 (z ~ N(0, I)^512, 8 mapping layers, style mixing 0.9 while training); D =
+the residual StyleGAN2 backbone (``ResidualDiscriminatorP``, minibatch stddev) with the same three heads
+(plain nn.Linear, no spectral norm, PyTorch init: ``BaseDiscriminator``). The D loss adds R1 on reals
+augmented as D's input (``r1_loss`` / ``G_D.forward(return_r1_loss=True)``: a fresh ``aug(x)``, the
+gradient of the full D's logits, no stop-gradient): ``d_r1 = r1_gamma / 2 * mean ||grad||^2 * r1_every``
+on engine steps with ``(step + 1) % r1_every == 0``, nothing on the others. ``model.d_passes``:
+``"joint"`` = one D forward over ``aug(cat[x, x, fake])`` (``training/gan/contrad.py``, which
+``train_stylegan2.py`` uses on CIFAR), ``"separate"`` = ``D(aug(fake))`` and ``D(aug(cat[x, x]))``
+(``train_stylegan2_contraD.py`` lines 142-150); they differ only through the minibatch-stddev groups.
+The G step is the SNDCGAN one (``softplus(-D(aug(G(z))))`` through the whole D, as both scripts), with
+G in training mode (style mixing). Not reproduced: the official loops update G before D in each step
+(``train_stylegan2.py`` even feeds D the fakes drawn before G's update); the engine updates D first.
+No path-length regularisation (neither official script has one). G's EMA: ``ema.decay = 0.5 **
+(batch / (halflife_k * 1000))``, copied until ``batch * steps > halflife_k * 1000`` (``ema.start_step``).
 """
 from __future__ import annotations
 
@@ -67,6 +86,7 @@ from cmgen.losses import NTXent, SupCon
 from text2image.contragan import ClassImageDataConfig, build_class_image_dataset, draw_latents
 from text2image.gan import GANConfig, GANMethod, GANSettings, GANStep
 from text2image.layers import SN_EPS
+from text2image.stylegan2 import StyleGAN2Backbone, StyleGAN2Generator, lazy_r1, r1_due, r1_penalty
 
 __all__ = ["SNDCGANGenerator", "SNDCGANBackbone", "SNResNet18Backbone", "TinyBackbone", "ContraDiscriminator",
            "ContraDOutput", "ContraDModelConfig", "ContraDConfig", "ContraDMethod", "supcon_fake",
@@ -235,32 +255,40 @@ class ContraDiscriminator(nn.Module):
     ``mlp_linear=True``).
 
     Args:
-        arch: ``"sndcgan"`` (h 512), ``"snresnet18"`` (h 1024) or ``"tiny"`` (h 512).
+        arch: ``"sndcgan"`` (h 512), ``"snresnet18"`` (h 1024), ``"tiny"`` (h 512) or ``"stylegan2"``
+            (h 512; :class:`text2image.stylegan2.StyleGAN2Backbone`, nn.Linear heads with PyTorch init).
         image_size, channels: backbone size (ndf; ignored by snresnet18).
         hidden: head width h; None = the official value for ``arch``.
-        proj_dim: 128 (``d_project``). sn: spectral norm on backbone and heads.
+        proj_dim: 128 (``d_project``). sn: spectral norm on backbone and heads (must be False for stylegan2).
+        small32, channel_multiplier: the StyleGAN2 width table (:func:`text2image.stylegan2.stylegan2_channels`;
+            ``channels`` is then the width at 4 px, 512 official).
 
     ``forward(x, sg_linear=False)``: ``sg_linear`` detaches the features under the discriminator head
     (D's loss). Shapes: x (B, 3, H, W) in [0, 1] -> :class:`ContraDOutput`.
     """
 
     def __init__(self, arch: str = "sndcgan", image_size: int = 32, channels: int = 64, hidden: Optional[int] = None,
-                 proj_dim: int = 128, sn: bool = True):
+                 proj_dim: int = 128, sn: bool = True, small32: bool = True, channel_multiplier: float = 2.0):
         super().__init__()
-        if arch == "sndcgan":
+        if arch == "stylegan2":           # text2image.stylegan2; small32 / channel_multiplier: its width table
+            if sn:
+                raise ValueError("the StyleGAN2 discriminator has no spectral norm (official "
+                                 "ResidualDiscriminatorP); set model.sn=false")
+            self.backbone = StyleGAN2Backbone(image_size, channels, small32, channel_multiplier)
+        elif arch == "sndcgan":
             self.backbone = SNDCGANBackbone(image_size, channels, sn)
         elif arch == "snresnet18":
             self.backbone = SNResNet18Backbone(image_size, sn)
         elif arch == "tiny":
             self.backbone = TinyBackbone(image_size, channels, sn)
         else:
-            raise ValueError(f"model.arch must be sndcgan, snresnet18 or tiny, got {arch!r}")
+            raise ValueError(f"model.arch must be sndcgan, snresnet18, tiny or stylegan2, got {arch!r}")
         hidden = hidden if hidden is not None else (1024 if arch == "snresnet18" else 512)
         d = self.backbone.out_features
         self.projection = _head(d, hidden, proj_dim, sn)
         self.projection2 = _head(d, hidden, proj_dim, sn)
         self.linear = _head(d, hidden, 1, sn)
-        if arch != "snresnet18":          # D_SNDCGAN.reset_parameters covers the heads too
+        if arch not in ("snresnet18", "stylegan2"):   # D_SNDCGAN.reset_parameters covers the heads too
             _normal_init(self)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, sg_linear: bool = False) -> ContraDOutput:
@@ -294,7 +322,7 @@ class ContraDModelConfig:
     """ContraD model and loss settings (official names in brackets)."""
 
     mode: Literal["contrad", "std"] = "contrad"   # --mode: "std" = the same G/D as a plain GAN (no heads' losses, no aug)
-    arch: Literal["sndcgan", "snresnet18", "tiny"] = "sndcgan"
+    arch: Literal["sndcgan", "snresnet18", "tiny", "stylegan2"] = "sndcgan"
     image_size: int = 32
     z_dim: int = 128                     # nz
     latent: Literal["normal", "uniform"] = "uniform"
@@ -310,6 +338,16 @@ class ContraDModelConfig:
     aug_scale: tuple[float, float] = (0.2, 1.0)                  # RandomResizeCropLayer.scale (simclr*)
     aug_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)   # ColorJitterLayer b, c, s, h
     gather_distributed: bool = True      # contrastive terms over the global batch under DDP
+    # arch = stylegan2 (text2image.stylegan2; official values: tests/test_stylegan2.py OFFICIAL). There
+    # g_channels / d_channels are the widths at 4 px (512 official) and scale the whole width table.
+    sg_small32: bool = True              # get_architecture 'stylegan2' (32 px table); false: 'stylegan2_512'
+    sg_channel_multiplier: float = 2.0   # Generator / ResidualDiscriminatorP default; 1.0 for stylegan2_512
+    sg_n_mlp: int = 8                    # n_mlp (mapping layers)
+    sg_lr_mlp: float = 0.01              # lr_mlp
+    style_mix: float = 0.9               # --style_mix
+    r1_gamma: Optional[float] = None     # --lbd_r1; None: 0.1 for stylegan2 (EXPERIMENTS.md, CIFAR), 0 otherwise
+    r1_every: int = 1                    # --d_reg_every (16) unless --no_lazy (1, the CIFAR runs)
+    d_passes: Literal["joint", "separate"] = "joint"   # one D forward over aug(cat[x, x, fake]), or two
 
 
 @dataclass
@@ -343,6 +381,16 @@ class ContraDMethod(GANMethod):
         self.aug = build_augment(m.augment, **kw)
         self.nt_xent = NTXent(temperature=m.temperature, normalize=False, gather_distributed=m.gather_distributed)
         self._dataset = None
+        if m.d_passes not in ("joint", "separate"):
+            raise ValueError(f"model.d_passes must be 'joint' or 'separate', got {m.d_passes!r}")
+        if m.r1_every < 1 or self.r1_gamma < 0:
+            raise ValueError(f"need model.r1_every >= 1 and model.r1_gamma >= 0, got {m.r1_every}, {m.r1_gamma}")
+
+    @property
+    def r1_gamma(self) -> float:
+        """R1 weight: ``model.r1_gamma``, or 0.1 for stylegan2 (official CIFAR runs) and 0 for the others."""
+        m = self.cfg.model
+        return float(m.r1_gamma) if m.r1_gamma is not None else (0.1 if m.arch == "stylegan2" else 0.0)
 
     def _data(self):
         if self._dataset is None:
@@ -351,8 +399,13 @@ class ContraDMethod(GANMethod):
 
     def build_models(self, cfg: ContraDConfig) -> dict[str, nn.Module]:
         m = cfg.model
-        return {"g": SNDCGANGenerator(m.image_size, m.g_channels, m.z_dim, m.latent, 0, self.output_range),
-                "d": ContraDiscriminator(m.arch, m.image_size, m.d_channels, m.d_hidden, m.proj_dim, m.sn)}
+        if m.arch == "stylegan2":
+            g = StyleGAN2Generator(m.image_size, m.z_dim, m.sg_n_mlp, m.g_channels, m.sg_small32,
+                                   m.sg_channel_multiplier, m.sg_lr_mlp, m.style_mix, m.latent)
+        else:
+            g = SNDCGANGenerator(m.image_size, m.g_channels, m.z_dim, m.latent, 0, self.output_range)
+        return {"g": g, "d": ContraDiscriminator(m.arch, m.image_size, m.d_channels, m.d_hidden, m.proj_dim, m.sn,
+                                                 m.sg_small32, m.sg_channel_multiplier)}
 
     def build_dataset(self, cfg: ContraDConfig):
         return self._data()[0]
@@ -369,13 +422,23 @@ class ContraDMethod(GANMethod):
         return g(z, None)
 
     def d_forward(self, d: nn.Module, s: GANStep):
-        """One D forward over ``aug(cat[x, x, fake.detach()])``; out_real = both real views (2N rows)."""
-        n = s.real.shape[0]
-        if self.cfg.model.mode == "std":      # training/gan/std.py: D(x), D(G(z)), no augmentation
+        """One D forward over ``aug(cat[x, x, fake.detach()])``; out_real = both real views (2N rows).
+        ``model.d_passes = "separate"``: ``D(aug(fake))`` then ``D(aug(cat[x, x]))``. On R1 steps, after
+        those, the per-sample R1 of a fresh ``aug(x)`` (std mode: x) goes to ``s.extras["r1"]``."""
+        n, m = s.real.shape[0], self.cfg.model
+        if m.mode == "std":      # training/gan/std.py: D(x), D(G(z)), no augmentation
             out = d(torch.cat([s.real, s.fake.detach()]))
-            return ContraDOutput(*(t[:n] for t in out)), ContraDOutput(*(t[n:] for t in out))
-        out = d(self.aug(torch.cat([s.real, s.real, s.fake.detach()])), sg_linear=True)
-        return ContraDOutput(*(t[:2 * n] for t in out)), ContraDOutput(*(t[2 * n:] for t in out))
+            outs = ContraDOutput(*(t[:n] for t in out)), ContraDOutput(*(t[n:] for t in out))
+        elif m.d_passes == "separate":          # train_stylegan2_contraD.py G_D.forward: fakes, then cat[x, x]
+            out_f = d(self.aug(s.fake.detach()), sg_linear=True)
+            outs = d(self.aug(torch.cat([s.real, s.real])), sg_linear=True), out_f
+        else:
+            out = d(self.aug(torch.cat([s.real, s.real, s.fake.detach()])), sg_linear=True)
+            outs = ContraDOutput(*(t[:2 * n] for t in out)), ContraDOutput(*(t[2 * n:] for t in out))
+        if self.r1_gamma > 0 and r1_due(s.step, m.r1_every):     # train_stylegan2*.py: R1 after the D loss
+            raw_d = s.ctx.unwrap("d") if s.ctx is not None else d
+            s.extras["r1"] = r1_penalty(lambda x: raw_d(x).logits, s.real if m.mode == "std" else self.aug(s.real))
+        return outs
 
     def g_forward(self, d: nn.Module, s: GANStep):
         """``D(aug(G(z)))`` through the whole D (D frozen); ``D(G(z))`` in std mode."""
@@ -388,14 +451,15 @@ class ContraDMethod(GANMethod):
 
     def d_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         m, n = self.cfg.model, s.real.shape[0]
+        r1 = {"d_r1": lazy_r1(s.extras["r1"], self.r1_gamma, m.r1_every)} if "r1" in s.extras else {}
         if m.mode == "std":
-            return {"d_adv": self._adv(s.out_real.logits, s.out_fake.logits)}
+            return {"d_adv": self._adv(s.out_real.logits, s.out_fake.logits), **r1}
         p1 = F.normalize(s.out_real.proj1, dim=1)
         con = self.nt_xent(p1[:n], p1[n:])
         p2r, p2f = F.normalize(s.out_real.proj2, dim=1), F.normalize(s.out_fake.proj2, dim=1)
         dis = supcon_fake(p2r[:n], p2r[n:], p2f, m.temperature, m.gather_distributed)
         return {"d_simclr": con, "d_supcon_fake": m.lambda_a * dis,
-                "d_adv": self._adv(s.out_real.logits[:n], s.out_fake.logits)}
+                "d_adv": self._adv(s.out_real.logits[:n], s.out_fake.logits), **r1}
 
     def g_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         d_fake = s.out_fake.logits
