@@ -249,7 +249,10 @@ def sample_images(lg: LoadedGenerator, n: int, *, seed: int = 0, class_id: int |
                   ) -> Iterator[tuple[torch.Tensor, Any]]:
     """Yield ``(images (B, 3, H, W) in [0, 1] on G's device, conditions of the batch)`` for n images.
 
-    The conditions are labels ``(B,)`` (class-conditional), prompts (text) or None.
+    The conditions are labels ``(B,)`` (class-conditional), prompts (text) or None. Latents and labels
+    come from ``seed``; so does any randomness drawn inside the generator's forward (StyleGAN2 noise), per
+    batch, so such generators give the same images for the same seed and ``batch_size``; generators
+    without it also give the same images at any ``batch_size``.
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
@@ -274,20 +277,27 @@ def sample_images(lg: LoadedGenerator, n: int, *, seed: int = 0, class_id: int |
     elif class_id is not None:
         raise ValueError("--class given, but the generator is unconditional")
     device = lg.device
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
     for lo in range(0, n, batch_size):
         zb = z[lo:lo + batch_size].to(device)
-        if isinstance(cond, torch.Tensor):
-            cb: Any = cond[lo:lo + batch_size].to(device)
-            out = lg.g(zb, cb)
-        elif isinstance(cond, list):
-            cb = cond[lo:lo + batch_size]
-            if lg.pipeline is not None:
-                out = lg.pipeline(cb, latents=zb, output_type="pt").images
+        # randomness inside G (StyleGAN2's per-pixel noise) comes from the global RNG: seed it per batch
+        # from (seed, first index) in a forked RNG state, so the caller's RNG is untouched and the same
+        # seed and batch size give the same images
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(int(seed) * 1_000_003 + lo)
+            if isinstance(cond, torch.Tensor):
+                cb: Any = cond[lo:lo + batch_size].to(device)
+                out = lg.g(zb, cb)
+            elif isinstance(cond, list):
+                cb = cond[lo:lo + batch_size]
+                if lg.pipeline is not None:
+                    out = lg.pipeline(cb, latents=zb, output_type="pt").images
+                else:
+                    out = lg.g(zb, lg.g.encode_prompts(cb) if hasattr(lg.g, "encode_prompts") else cb)
             else:
-                out = lg.g(zb, lg.g.encode_prompts(cb) if hasattr(lg.g, "encode_prompts") else cb)
-        else:
-            cb = None
-            out = lg.g(zb, None)
+                cb = None
+                out = lg.g(zb, None)
         yield lg.to_unit(out), cb
 
 

@@ -174,3 +174,24 @@ def test_prompt_for_a_class_conditional_run_is_a_one_line_error(tiny_gan_run, tm
     assert main(["generate", str(tiny_gan_run), "--prompt", "a red circle", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cmgen: error: ") and "not text-conditioned" in err and "\n" not in err
+
+
+def test_noise_inside_the_generator_follows_the_seed():
+    # StyleGAN2 draws per-pixel noise from the global RNG in forward: sample_images seeds it per batch
+    # (in a forked RNG state: the caller's stream is untouched), so the same seed gives the same images
+    from text2image.stylegan2 import NoiseInjection, StyleGAN2Generator
+
+    g = StyleGAN2Generator(image_size=8, style_dim=8, n_mlp=1, channels=8, small32=True).eval()
+    with torch.no_grad():
+        for m in g.modules():
+            if isinstance(m, NoiseInjection):
+                m.weight.fill_(1.0)          # official init 0: the noise would not show yet
+    lg = generate_cli.LoadedGenerator(g, (0.0, 1.0), 0, "none", 8)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b = _images(lg, 5, 0, batch_size=2), _images(lg, 5, 0, batch_size=2)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, _images(lg, 5, 1, batch_size=2))
+    z = lg.latents(2, torch.Generator().manual_seed(0))
+    assert not torch.allclose(g(z), g(z))    # the noise is really drawn inside forward
