@@ -479,3 +479,93 @@ def test_projection_and_unconditional_baselines(tmp_path, mtd):
     assert set(method.d_loss(s)) == {"d_adv"} and set(method.g_loss(s)) == {"g_adv"}
     with pytest.raises(ValueError, match="d_cond_mtd"):
         _method(tmp_path, d_cond_mtd="AC")
+
+
+# --- DiffAugment (StudioGAN AUG.apply_diffaug) and the shapes data option ---------------------------
+class _RecordingAug(torch.nn.Module):
+    """Stands in for DiffAugment: records each call's input and returns a recognisable transform."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x)
+        return -x
+
+
+def test_diffaug_is_applied_to_reals_and_fakes_in_d_steps_and_to_fakes_in_g_step(tmp_path):
+    """StudioGAN worker.py: train_discriminator augments reals and fakes (two series_augment calls),
+    train_generator augments the fakes; D sees only augmented images and G's gradient passes through."""
+    torch.manual_seed(0)
+    method = _method(tmp_path, diffaug=True)
+    from text2image.augment import DiffAugment
+    assert isinstance(method.aug, DiffAugment) and method.aug.policy == "color,translation,cutout"
+    assert method.aug.input_range == method.output_range
+    models = method.build_models(method.cfg)
+    ctx = _Ctx(models, method.build_optimizers(method.cfg, models))
+    method.aug = rec = _RecordingAug()
+    g0 = {k: v.detach().clone() for k, v in models["g"].named_parameters()}
+    seen = []
+    real_discriminate = method.discriminate
+
+    def discriminate(d, images, cond):
+        seen.append((images, torch.is_grad_enabled() and images.requires_grad))
+        return real_discriminate(d, images, cond)
+
+    method.discriminate = discriminate
+    reals = torch.rand(8, 3, S, S) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    method.train_step((reals, labels), 0, ctx)
+    # n_dis = 2 D updates (real chunk, fakes) + 1 G update (fakes)
+    assert len(rec.inputs) == 5 and len(seen) == 3
+    torch.testing.assert_close(rec.inputs[0], reals[:4])
+    torch.testing.assert_close(rec.inputs[2], reals[4:])
+    for i, (images, _) in enumerate(seen[:2]):              # D inputs = cat[aug(real), aug(fake)]
+        torch.testing.assert_close(images, -torch.cat([rec.inputs[2 * i], rec.inputs[2 * i + 1]]))
+        assert not rec.inputs[2 * i + 1].requires_grad       # D steps: fakes without a graph into G
+    torch.testing.assert_close(seen[2][0], -rec.inputs[4])  # G step: D(aug(G(z)))
+    assert rec.inputs[4].requires_grad and seen[2][1]
+    g_after = {k: v for k, v in models["g"].named_parameters()}
+    assert any(not torch.equal(g0[k], v) for k, v in g_after.items())  # G trained through aug
+
+
+def test_diffaug_off_leaves_d_inputs_unaugmented(tmp_path):
+    torch.manual_seed(0)
+    method = _method(tmp_path)
+    assert method.aug is None
+    models = method.build_models(method.cfg)
+    x = torch.rand(4, 3, S, S) * 2 - 1
+    torch.testing.assert_close(method.augment(x), x)
+    s = GANStep(0, "d", x[:2], torch.tensor([0, 1]), cond_fake=torch.tensor([2, 3]), fake=x[2:])
+    d = models["d"].eval()
+    out_r, out_f = method.d_forward(d, s)
+    torch.testing.assert_close(out_r.logits, d(x[:2], torch.tensor([0, 1])).logits)
+    # with diffaug on, the same D forward differs (the images are augmented)
+    method_aug = _method(tmp_path, diffaug=True)
+    torch.manual_seed(1)
+    out_r2, _ = method_aug.d_forward(d, s)
+    assert not torch.allclose(out_r2.logits, out_r.logits)
+    with pytest.raises(ValueError, match="policy"):
+        _method(tmp_path, diffaug=True, diffaug_policy="colour")
+
+
+def test_shapes_max_shapes_option_writes_that_data(tmp_path):
+    import json
+    from text2image.contragan import build_class_image_dataset
+
+    cfg = ContraGANConfig()
+    cfg.run.output_dir = str(tmp_path)
+    cfg.data.num_images = 40
+    cfg.data.max_shapes = 1
+    ds, classes = build_class_image_dataset(cfg, 32, (-1.0, 1.0))
+    root = tmp_path / "data" / "shapes_32px_m1"
+    assert len(ds) == 35 and len(classes) == 5
+    info = json.loads((root / "dataset_info.json").read_text())
+    assert info["config"]["max_shapes"] == 1
+    records = json.loads((root / "annotations" / "attributes_train.json").read_text())["images"]
+    assert all(len(r["objects"]) == 1 for r in records)
+    cfg.data.max_shapes = 2                                  # the default data keeps its old root
+    build_class_image_dataset(cfg, 32, (-1.0, 1.0))
+    info2 = json.loads((tmp_path / "data" / "shapes_32px" / "dataset_info.json").read_text())
+    assert info2["config"]["max_shapes"] == 2

@@ -48,6 +48,13 @@ Faithfulness details, each behind an option where the paper and the code differ:
   gradient is 1/W of the exact global-batch gradient. ``model.two_c_grad = "exact"`` (default) is
   the exact global loss (``TwoC(gather_distributed=True)``); ``"studiogan"`` keeps that value and
   scales the 2C gradient by 1/W, reproducing StudioGAN's effective lambda / W.
+- DiffAugment (``model.diffaug``; StudioGAN ``AUG.apply_diffaug: True`` with ``diffaug_type: "diffaug"``,
+  ``src/configs/CIFAR10/ContraGAN-DiffAug.yaml``): ``worker.py`` ``train_discriminator`` runs
+  ``series_augment`` (``utils/diffaug.py`` ``apply_diffaug``, policy "color,translation,cutout", on
+  images in [-1, 1], no clamp) once on the reals and once on the fakes before D, and
+  ``train_generator`` once on the fakes before D; so every D input of both updates is augmented, with
+  its own random draws, and the 2C terms see the augmented images' embeddings. Here
+  :class:`text2image.augment.DiffAugment` in G's output range (``model.diffaug_policy``).
 - Temperature: constant ``t`` (every StudioGAN config: 1.0), or the paper-era tempering
   (``model.temperature_schedule = "discrete" | "continuous"`` with ``end_temperature`` and
   ``tempering_step``; StudioGAN ``trainer.py`` at 239c1708cf6f80ed5a15b4f997fec93243168f79): discrete
@@ -333,6 +340,8 @@ class ContraGANModelConfig:
     pos_collected_numerator: bool = True
     gather_distributed: bool = True       # 2C over the global batch under DDP (no-op on one process)
     two_c_grad: Literal["exact", "studiogan"] = "exact"   # multi-process 2C gradient (module docstring)
+    diffaug: bool = False                 # AUG.apply_diffaug (diffaug_type "diffaug"): D sees DiffAugment(x)
+    diffaug_policy: str = "color,translation,cutout"   # utils/diffaug.py apply_diffaug's default policy
 
 
 @dataclass
@@ -344,7 +353,9 @@ class ClassImageDataConfig:
     ``<run.output_dir>/data/shapes_<image_size>px``), ``"cifar10"`` / ``"cifar100"`` (the python pickle
     folder under ``root``, :class:`text2image.cifar.CIFAR`) or ``"imagefolder"`` (``root`` = a class-per-
     folder tree such as Tiny ImageNet's or ImageNet's train split, resized to the model's image size).
-    ``hflip``: random horizontal flip (StudioGAN ``apply_rflip``).
+    ``hflip``: random horizontal flip (StudioGAN ``apply_rflip``). ``max_shapes`` (shapes only): each
+    image has 1..max_shapes objects (``write_shapes``; 2 = the default data, 1 = the class object alone,
+    small or large at random); the default root is ``shapes_<image_size>px_m<max_shapes>`` unless 2.
     """
 
     kind: Literal["shapes", "cifar10", "cifar100", "imagefolder"] = "shapes"
@@ -352,6 +363,7 @@ class ClassImageDataConfig:
     num_images: int = 512
     seed: int = 0
     hflip: bool = True
+    max_shapes: int = 2
 
 
 ShapesClassDataConfig = ClassImageDataConfig  # earlier name
@@ -370,7 +382,10 @@ def _random_hflip(x: torch.Tensor) -> torch.Tensor:
 
 def _shapes_root(cfg, image_size: int) -> Path:
     d = cfg.data
-    return Path(d.root) if d.root else Path(cfg.run.output_dir) / "data" / f"shapes_{image_size}px"
+    if d.root:
+        return Path(d.root)
+    suffix = "" if getattr(d, "max_shapes", 2) == 2 else f"_m{d.max_shapes}"
+    return Path(cfg.run.output_dir) / "data" / f"shapes_{image_size}px{suffix}"
 
 
 def build_class_image_dataset(cfg, image_size: int, value_range: Sequence[float]):
@@ -381,8 +396,9 @@ def build_class_image_dataset(cfg, image_size: int, value_range: Sequence[float]
         from cmgen.data import ensure_dataset, write_shapes
         from text2image.data import ShapesAttributes, class_conditional_imagefolder
         root = _shapes_root(cfg, image_size)
+        max_shapes = getattr(d, "max_shapes", 2)
         ensure_dataset(root, ".", lambda: write_shapes(root, num_images=d.num_images, image_size=image_size,
-                                                       seed=d.seed, progress=False))
+                                                       seed=d.seed, max_shapes=max_shapes, progress=False))
         classes = ShapesAttributes(root, "train").classes
         return class_conditional_imagefolder(root / "imagefolder" / "train", image_size, flip, value_range,
                                              classes), classes
@@ -421,6 +437,10 @@ class ContraGANMethod(GANMethod):
                           gather_distributed=m.gather_distributed)
         self.num_classes: Optional[int] = None
         self._dataset = None
+        self.aug = None
+        if m.diffaug:
+            from text2image.augment import DiffAugment
+            self.aug = DiffAugment(policy=m.diffaug_policy, input_range=self.output_range)
 
     def _data(self):
         if self._dataset is None:
@@ -458,6 +478,23 @@ class ContraGANMethod(GANMethod):
             self._fixed = (z, torch.arange(self.num_classes).repeat_interleave(k))
         z, y = self._fixed
         return z.to(device), y.to(device)
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` through DiffAugment (``model.diffaug``), or unchanged."""
+        return images if self.aug is None else self.aug(images)
+
+    def d_forward(self, d: nn.Module, s: GANStep):
+        """One D forward over ``cat[aug(real), aug(fake)]`` (StudioGAN ``train_discriminator``: reals and
+        fakes augmented by separate ``series_augment`` calls); without ``model.diffaug`` the base's."""
+        if self.aug is None:
+            return super().d_forward(d, s)
+        images = torch.cat([self.augment(s.real), self.augment(s.fake)])
+        out = self.discriminate(d, images, self.concat_conditions(s.cond_real, s.cond_fake))
+        return self.split_output(out, s.real.shape[0])
+
+    def g_forward(self, d: nn.Module, s: GANStep):
+        """``D(aug(G(z)))`` in G's update (StudioGAN ``train_generator``); ``D(G(z))`` without diffaug."""
+        return None, self.discriminate(d, self.augment(s.fake), s.cond_fake)
 
     def _two_c(self, s: GANStep, out: DOutput, labels: torch.Tensor) -> torch.Tensor:
         m = self.cfg.model
