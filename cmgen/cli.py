@@ -59,22 +59,29 @@ _collective_failed = False
 def entry() -> None:
     """``cmgen`` / ``python -m cmgen``: exit with :func:`main`'s status.
 
-    After a failed collective the process leaves with ``os._exit`` (streams and logging flushed first):
-    the broken process group's C++ threads would otherwise abort interpreter shutdown with SIGABRT and
-    replace the documented status 1 with -6. :func:`main` itself returns (or, with ``--debug``, raises),
-    so it stays callable in-process (tests, notebooks).
+    After a failed collective, and after any other error in a multi-process run (``WORLD_SIZE`` > 1), the
+    process leaves with ``os._exit`` (streams and logging flushed first; trackers and checkpoints are
+    already closed by the engine): a process group whose peer has already exited can abort interpreter
+    shutdown from its C++ threads with SIGABRT ("terminate called without an active exception") and
+    replace the documented status (1, or 2 for a failed checkpoint write agreed by every rank) with -6.
+    Seen on the CI machine for a killed peer and for a peer whose checkpoint write failed. A successful
+    run exits normally. :func:`main` itself returns (or, with ``--debug``, raises), so it stays callable
+    in-process (tests, notebooks).
     """
     from cmgen.errors import CollectiveError
 
+    distributed = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     try:
         code = main()
-    except CollectiveError:                 # --debug: the traceback, then the same hard exit
+    except Exception as err:                # --debug: the traceback, then the same hard exit
+        if not (distributed or isinstance(err, CollectiveError)):
+            raise
         import traceback
 
         traceback.print_exc()
         code, failed = EXIT_COLLECTIVE_ERROR, True
     else:
-        failed = _collective_failed
+        failed = _collective_failed or (code != 0 and distributed)
     if failed:
         import logging
 

@@ -279,3 +279,69 @@ def test_an_ordinary_error_exits_normally(monkeypatch, capsys, tmp_path):
         cli.entry()
     assert stop.value.code == 2 and exits == [], exits
     assert "missing.yaml" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("world_size, expected", [("2", "hard"), ("1", "normal")])
+def test_an_error_in_a_multi_process_run_skips_interpreter_shutdown(monkeypatch, capsys, tmp_path, world_size,
+                                                                    expected):
+    # The CI machine's run of the failed-checkpoint-write test: both ranks agreed on the error (status 2),
+    # the rank whose peer had already exited then aborted during interpreter shutdown (-6).
+    import cmgen.cli as cli
+
+    class HardExit(BaseException):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise HardExit
+
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli, "_collective_failed", False)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(sys, "argv", ["cmgen", "train", str(tmp_path / "missing.yaml")])
+    if expected == "hard":
+        with pytest.raises(HardExit):
+            cli.entry()
+        assert exits == [2], exits
+    else:
+        with pytest.raises(SystemExit) as stop:
+            cli.entry()
+        assert stop.value.code == 2 and exits == [], exits
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_a_successful_multi_process_run_exits_normally(monkeypatch):
+    import cmgen.cli as cli
+
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(cli, "_collective_failed", False)
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stop:
+        cli.entry()
+    assert stop.value.code == 0 and exits == [], exits
+
+
+def test_a_debug_traceback_in_a_multi_process_run_still_hard_exits(monkeypatch, capsys):
+    import cmgen.cli as cli
+
+    class HardExit(BaseException):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise HardExit
+
+    def broken():
+        raise ZeroDivisionError("boom")
+
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli, "main", broken)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(HardExit):
+        cli.entry()
+    err = capsys.readouterr().err
+    assert exits == [1] and "ZeroDivisionError: boom" in err and "Traceback" in err, (exits, err)
