@@ -202,32 +202,17 @@ weight decay), ``MultiStepLR(gamma=0.1, milestones=[60, 75, 90])`` stepped once 
 
 def lineval_crop_params(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
                         generator: torch.Generator) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of one random resized crop, the algorithm of torchvision
-    ``RandomResizedCrop.get_params`` (0.29: up to 10 draws of area ``~ U(scale)`` and log-uniform aspect
-    ratio, rounded sides, first that fits; else a central crop with the ratio clamped) with the draws
-    taken from ``generator`` instead of the global RNG."""
-    import math
+    """``(top, left, h, w)`` of one random resized crop: torchvision ``RandomResizedCrop.get_params`` itself
+    (up to 10 draws of area ``~ U(scale)`` and log-uniform aspect ratio, first that fits, else a central
+    crop with the ratio clamped), run on a forked global RNG seeded from ``generator``, so that the crops
+    follow ``generator`` and the caller's global RNG is untouched."""
+    from torchvision.transforms import RandomResizedCrop
 
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(2, generator=generator, dtype=torch.float64)
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * float(u[0]))
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(u[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, h, w = RandomResizedCrop.get_params(torch.empty(1, height, width), list(scale), list(ratio))
+    return int(top), int(left), int(h), int(w)
 
 
 def _lineval_augment(images: torch.Tensor, scale: Sequence[float], ratio: Sequence[float], flip_p: float,

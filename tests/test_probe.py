@@ -207,6 +207,21 @@ def test_lineval_crop_params_follow_torchvision_get_params():
     assert lineval_crop_params(32, 16, (0.999, 1.0), (3.0, 4.0), gen) == fallback == (13, 0, 5, 16)
 
 
+def test_lineval_crop_params_follow_the_generator_and_leave_the_global_rng_alone():
+    from evaluation.probe import lineval_crop_params
+
+    def crops(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [lineval_crop_params(32, 32, (0.2, 1.0), (3 / 4, 4 / 3), gen) for _ in range(20)]
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = crops(5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert crops(5) == first and crops(6) != first
+    assert len(set(first)) > 10                         # successive calls draw new crops
+
+
 def test_official_lineval_is_plain_sgd_with_the_official_defaults():
     """One epoch, one full batch, no augmentation: exactly one SGD step (lr 0.1, no momentum, no weight
     decay) on the mean cross-entropy from nn.Linear's default init under the seed; default milestones

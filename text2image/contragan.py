@@ -82,7 +82,7 @@ from text2image.layers import DBlock, GBlock, SelfAttention, init_weights, sn_em
 
 __all__ = ["G_LAYOUT", "D_LAYOUT", "ContraGANModelConfig", "ClassImageDataConfig", "ShapesClassDataConfig",
            "ContraGANConfig", "DOutput", "Generator", "Discriminator", "ContraGANMethod", "draw_latents",
-           "build_class_image_dataset", "temperature_at", "refresh_spectral_norm"]
+           "build_class_image_dataset", "shapes_variant_suffix", "temperature_at", "refresh_spectral_norm"]
 
 # StudioGAN src/models/big_resnet.py (947b35e): per block, multipliers of g_conv_dim / d_conv_dim.
 # D's first block reads RGB ("in" None = 3 channels).
@@ -380,12 +380,17 @@ def _random_hflip(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1) if torch.rand(()) < 0.5 else x
 
 
+def shapes_variant_suffix(d: ClassImageDataConfig) -> str:
+    """The folder-name tag of a shapes data variant: ``""`` for the default data (1..2 objects per image),
+    ``"_m<max_shapes>"`` otherwise, so that two variants never share a default root."""
+    return "" if d.max_shapes == 2 else f"_m{d.max_shapes}"
+
+
 def _shapes_root(cfg, image_size: int) -> Path:
     d = cfg.data
     if d.root:
         return Path(d.root)
-    suffix = "" if getattr(d, "max_shapes", 2) == 2 else f"_m{d.max_shapes}"
-    return Path(cfg.run.output_dir) / "data" / f"shapes_{image_size}px{suffix}"
+    return Path(cfg.run.output_dir) / "data" / f"shapes_{image_size}px{shapes_variant_suffix(d)}"
 
 
 def build_class_image_dataset(cfg, image_size: int, value_range: Sequence[float]):
@@ -396,9 +401,8 @@ def build_class_image_dataset(cfg, image_size: int, value_range: Sequence[float]
         from cmgen.data import ensure_dataset, write_shapes
         from text2image.data import ShapesAttributes, class_conditional_imagefolder
         root = _shapes_root(cfg, image_size)
-        max_shapes = getattr(d, "max_shapes", 2)
         ensure_dataset(root, ".", lambda: write_shapes(root, num_images=d.num_images, image_size=image_size,
-                                                       seed=d.seed, max_shapes=max_shapes, progress=False))
+                                                       seed=d.seed, max_shapes=d.max_shapes, progress=False))
         classes = ShapesAttributes(root, "train").classes
         return class_conditional_imagefolder(root / "imagefolder" / "train", image_size, flip, value_range,
                                              classes), classes

@@ -129,12 +129,12 @@ def _grid(lg, path: Path, seed: int = 1) -> str:
 
 def _data_root(out: Path, cfg) -> Path:
     """Where a run's shapes data goes; the evaluator's own root when the settings are the same."""
+    from text2image.contragan import shapes_variant_suffix
+
     d = cfg.data
-    max_shapes = getattr(d, "max_shapes", 2)
-    if (cfg.model.image_size, d.num_images, d.seed, max_shapes) == (32, 512, 0, 2):
+    if (cfg.model.image_size, d.num_images, d.seed, d.max_shapes) == (32, 512, 0, 2):
         return out / "data" / "shapes_32px"
-    suffix = "" if max_shapes == 2 else f"_m{max_shapes}"
-    return out / "data" / f"shapes_{cfg.model.image_size}px_n{d.num_images}_s{d.seed}{suffix}"
+    return out / "data" / f"shapes_{cfg.model.image_size}px_n{d.num_images}_s{d.seed}{shapes_variant_suffix(d)}"
 
 
 def _config(name: str, rel: str, overrides: list[str], out: Path, steps: int, extra: list[str]):
