@@ -8,7 +8,7 @@ import torch
 from text2image.augment import AUGMENT_NAMES, build_augment
 
 NAMES_KW = [("none", {}), ("simclr", {}), ("simclr_hq", {}), ("simclr_hq_cutout", {}), ("cutout", {}),
-            ("diffaug", {"clamp": True})]
+            ("diffaug", {"clamp": True}), ("hfrt", {}), ("hfrt", {"padding_mode": "zeros"}), ("simclr_hfrt", {})]
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -32,7 +32,7 @@ def test_range_shape_and_gradient(name, kw, shape):
     assert torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0.0
 
 
-@pytest.mark.parametrize("name", ["simclr", "simclr_hq", "diffaug"])
+@pytest.mark.parametrize("name", ["simclr", "simclr_hq", "diffaug", "hfrt", "simclr_hfrt"])
 def test_deterministic_under_seeded_generator(name):
     x = images(8, 3, 32, 32)
     aug = build_augment(name)
@@ -45,7 +45,9 @@ def test_p_zero_and_none_are_identity():
     zero = {"crop_p": 0.0, "flip_p": 0.0, "jitter_p": 0.0, "gray_p": 0.0}
     for aug in [build_augment("none"), build_augment("simclr", **zero),
                 build_augment("simclr_hq", blur_p=0.0, **zero), build_augment("cutout", p=0.0),
-                build_augment("diffaug", p=0.0), build_augment("diffaug", p=0.0, input_range=(-1, 1))]:
+                build_augment("diffaug", p=0.0), build_augment("diffaug", p=0.0, input_range=(-1, 1)),
+                build_augment("hfrt", p=0.0), build_augment("hfrt", max_pixels=0, flip_p=0.0),
+                build_augment("simclr_hfrt", hfrt_p=0.0, jitter_p=0.0, gray_p=0.0)]:
         assert torch.equal(aug(x, gen()), x)
 
 
@@ -53,12 +55,14 @@ def test_p_zero_and_none_are_identity():
     ("simclr2", {}, "simclr2"), ("simclr", {"gray_p": 1.5}, "1.5"), ("cutout", {"p": -0.1}, "-0.1"),
     ("diffaug", {"policy": "color,zoom"}, "zoom"), ("simclr", {"flip": 0.5}, "flip"),
     ("cutout", {"length": 0}, "0"), ("simclr", {"scale": (0.0, 1.0)}, "(0.0, 1.0)"),
-    ("simclr", {"hue": 0.7}, "0.7"), ("diffaug", {"input_range": (1, 0)}, "(1, 0)")])
+    ("simclr", {"hue": 0.7}, "0.7"), ("diffaug", {"input_range": (1, 0)}, "(1, 0)"),
+    ("hfrt", {"max_pixels": -1}, "-1"), ("hfrt", {"padding_mode": "wrap"}, "wrap"),
+    ("hfrt", {"flip_p": 2.0}, "2.0"), ("simclr_hfrt", {"scale": (0.5, 1.0)}, "scale")])
 def test_bad_arguments_raise_value_error_naming_value(name, kw, shown):
     with pytest.raises(ValueError) as e:
         build_augment(name, **kw)
     assert shown in str(e.value)
-    assert set(AUGMENT_NAMES) >= {"none", "simclr", "simclr_hq", "cutout", "diffaug"}
+    assert set(AUGMENT_NAMES) >= {"none", "simclr", "simclr_hq", "cutout", "diffaug", "hfrt", "simclr_hfrt"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,9 +70,9 @@ def test_bad_arguments_raise_value_error_naming_value(name, kw, shown):
 
 from scipy import stats  # noqa: E402
 
-from text2image.augment import (ColorJitter, Cutout, DiffAugment, RandomGaussianBlur,  # noqa: E402
-                                RandomGrayscale, RandomHorizontalFlip, RandomResizedCrop, hsv_to_rgb,
-                                rgb_to_hsv)
+from text2image.augment import (ColorJitter, Cutout, DiffAugment, HorizontalFlipRandomCrop,  # noqa: E402
+                                RandomGaussianBlur, RandomGrayscale, RandomHorizontalFlip, RandomResizedCrop,
+                                hsv_to_rgb, rgb_to_hsv)
 
 
 def ks_uniform(v: torch.Tensor, lo: float, hi: float) -> float:
@@ -151,6 +155,111 @@ def test_crop_output_follows_theta_on_a_ramp_non_square():
     for got, want in [(sx, theta[:, 0, 0]), (sy, theta[:, 1, 1]), (bx, theta[:, 0, 2]), (by, theta[:, 1, 2])]:
         assert torch.allclose(got, want, atol=1e-9)
     assert torch.equal(crop(x, gen(7)), y)                 # forward = apply(sample_params)
+
+
+def contrad_hfrt_reference(x, flip, dx, dy, max_pixels, width, padding_mode):
+    """Loop over every output pixel of ContraD HorizontalFlipRandomCrop.forward (augment/spatial.py,
+    4ac8ce5) for given draws: theta = [[s, 0, dx / (width / 2)], [0, 1, dy / (width / 2)]], the
+    affine_grid point of pixel (i, j) at align_corners=False, unnormalised, reflected or clipped as
+    grid_sample pads, then rounded to the nearest pixel (mode='nearest')."""
+    B, C, H, W = x.shape
+    out = torch.zeros_like(x)
+
+    def pad(coord, n):                        # grid_sample's padding at align_corners=False, in pixels
+        if padding_mode == "border":
+            return min(max(coord, 0.0), n - 1.0), True
+        if padding_mode == "reflection":
+            span = 2.0 * n                    # reflect about -0.5 and n - 0.5, then clip
+            c = abs(coord + 0.5) % span
+            c = (c if c <= n else span - c) - 0.5
+            return min(max(c, 0.0), n - 1.0), True
+        return coord, -0.5 <= coord < n - 0.5
+    for b in range(B):
+        s = -1.0 if bool(flip[b]) else 1.0
+        tx, ty = int(dx[b]) / (width / 2), int(dy[b]) / (width / 2)
+        for i in range(H):
+            for j in range(W):
+                gx = s * ((2 * j + 1) / W - 1) + tx           # theta row 0 times (x, y, 1)
+                gy = ((2 * i + 1) / H - 1) + ty               # theta row 1
+                px, okx = pad(((gx + 1) * W - 1) / 2, W)
+                py, oky = pad(((gy + 1) * H - 1) / 2, H)
+                if okx and oky:
+                    out[b, :, i, j] = x[b, :, int(round(py)), int(round(px))]
+    return out
+
+
+@pytest.mark.parametrize("padding_mode", ["reflection", "zeros", "border"])
+def test_hfrt_matches_official_loop_and_grid_sample(padding_mode):
+    from torch.nn.functional import affine_grid, grid_sample
+    B, H, W = 24, 12, 12
+    x = images(B, 3, H, W)
+    op = HorizontalFlipRandomCrop(max_pixels=7, padding_mode=padding_mode)    # 7 of 12 px: reflections
+    params = op.sample_params(x, gen(40))
+    params["dx"][:2], params["dy"][:2], params["flip"][:2] = torch.tensor([-7, 7]), torch.tensor([7, -7]), True
+    y = op.apply(x, params)
+    assert torch.equal(y, contrad_hfrt_reference(x, params["flip"], params["dx"], params["dy"], 7, W, padding_mode))
+    # the official op's own calls with the same draws (theta, affine_grid, grid_sample nearest)
+    theta = torch.eye(2, 3).repeat(B, 1, 1)
+    theta[:, 0, 0] = torch.where(params["flip"], -1.0, 1.0)
+    theta[:, :, 2] = torch.stack([params["dx"], params["dy"]], 1).float() / (W / 2)
+    want = grid_sample(x, affine_grid(theta, list(x.shape), align_corners=False), mode="nearest",
+                       padding_mode=padding_mode, align_corners=False)
+    assert torch.equal(y, want)
+    assert torch.equal(op(x, gen(40))[2:], y[2:])             # forward = apply(sample_params)
+    # at 32 px with the official max_pixels = 4 as well
+    x32 = images(16, 3, 32, 32)
+    op4 = HorizontalFlipRandomCrop(padding_mode=padding_mode)
+    p4 = op4.sample_params(x32, gen(41))
+    assert torch.equal(op4.apply(x32, p4), contrad_hfrt_reference(x32, p4["flip"], p4["dx"], p4["dy"], 4, 32,
+                                                                 padding_mode))
+
+
+def test_hfrt_flip_only_and_probability():
+    x = images(8, 3, 10, 14)
+    assert torch.equal(HorizontalFlipRandomCrop(max_pixels=0, flip_p=1.0)(x, gen(42)), x.flip(-1))
+    assert torch.equal(HorizontalFlipRandomCrop(max_pixels=0, flip_p=0.0)(x, gen(42)), x)
+    z = images(4000, 3, 8, 8)
+    y = HorizontalFlipRandomCrop(p=0.5)(z, gen(43))
+    # a sample is unchanged when its coin fails or its draw is the identity (no flip, dx = dy = 0)
+    assert binomial_ok(int(changed(z, y).sum()), 4000, 0.5 * (1 - 0.5 / 81))
+
+
+def test_hfrt_translation_and_flip_statistics():
+    B, H, W = 8100, 32, 32
+    rows = ((torch.arange(H) + 1.0) / (H + 1)).view(1, 1, H, 1).expand(B, 1, H, W)
+    cols = ((torch.arange(W) + 1.0) / (W + 1)).view(1, 1, 1, W).expand(B, 1, H, W)
+    x = torch.cat([rows, cols, torch.zeros(B, 1, H, W)], 1).double()
+    y = build_augment("hfrt")(x, gen(44))                       # official: max_pixels 4, flip 1/2
+    dy = torch.round(y[:, 0, H // 2, W // 2] * (H + 1)).long() - (H // 2 + 1)
+    src = torch.round(y[:, 1, H // 2, :] * (W + 1)).long() - 1   # (B, W) source column of each output column
+    flip = src[:, W // 2 + 1] < src[:, W // 2]                   # columns that read inside the image
+    dx = torch.where(flip, src[:, W // 2] - (W - 1 - W // 2), src[:, W // 2] - W // 2)
+    assert binomial_ok(int(flip.sum()), B, 0.5)
+    for d in (dx, dy):
+        assert int(d.min()) == -4 and int(d.max()) == 4
+        assert stats.chisquare(torch.bincount(d + 4, minlength=9).numpy()).pvalue > 1e-3
+    # dx, dy and the flip are independent: the 9 x 9 x 2 joint histogram is uniform
+    joint = torch.bincount((dx + 4) * 18 + (dy + 4) * 2 + flip.long(), minlength=162)
+    assert stats.chisquare(joint.numpy()).pvalue > 1e-3
+    # a wrong range (e.g. randint's exclusive high: [-4, 3]) fails the same check
+    assert stats.chisquare(torch.bincount((dx + 4).clamp(max=7), minlength=9).numpy()).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("padding_mode", ["reflection", "zeros", "border"])
+def test_hfrt_gradient_is_the_read_count(padding_mode):
+    x = images(6, 3, 16, 16).requires_grad_(True)
+    op = HorizontalFlipRandomCrop(padding_mode=padding_mode)
+    params = op.sample_params(x, gen(45))
+    w = torch.rand(x.shape, generator=gen(46))
+    (op.apply(x, params) * w).sum().backward()
+    # d/dx of sum(w * y) = the weights scattered back to the pixels each output read; the reference on
+    # 1-based pixel numbers says which pixel each output reads (0: the zeros fill, no pixel)
+    ids = torch.arange(1, x.numel() + 1, dtype=torch.float64).view(x.shape)
+    read = contrad_hfrt_reference(ids, params["flip"], params["dx"], params["dy"], 4, 16, padding_mode).long()
+    assert (padding_mode == "zeros") == bool((read == 0).any())
+    want = torch.zeros(x.numel() + 1).index_add_(0, read.flatten(), w.flatten())[1:].view(x.shape)
+    assert torch.allclose(x.grad, want, atol=1e-6)
+    assert float(x.grad.abs().sum()) > 0
 
 
 def contrad_cutout_reference(x, top, left, length):
@@ -394,7 +503,7 @@ def test_diffaug_cutout_area_quarter_and_mean():
 # --------------------------------------------------------------------------------------------------
 # ranges, generators, devices
 
-@pytest.mark.parametrize("name", ["simclr", "simclr_hq", "diffaug", "cutout"])
+@pytest.mark.parametrize("name", ["simclr", "simclr_hq", "diffaug", "cutout", "hfrt", "simclr_hfrt"])
 def test_input_range_minus_one_one_is_the_same_op(name):
     x = images(8, 3, 32, 32)
     a = build_augment(name)(x, gen(26))

@@ -194,3 +194,19 @@ def test_unconditional_shapes_scores_against_hand_counts():
     assert one["class_entropy"] == 0.0 and one["confident"] == 1.0
     uniform = unconditional_shapes_scores(Stub(torch.eye(5) * 5), torch.zeros(5, 3, 8, 8))
     assert uniform["class_entropy"] == pytest.approx(1.0)
+
+
+def test_model_augment_modes_get_their_config_keywords(tmp_path):
+    from text2image.augment import ColorJitter, HorizontalFlipRandomCrop, RandomResizedCrop
+    jit = (0.2, 0.3, 0.1, 0.05)
+    crop = _method(tmp_path, augment="simclr", aug_scale=(0.5, 1.0), aug_jitter=jit).aug.ops
+    assert isinstance(crop[0], RandomResizedCrop) and crop[0].scale == (0.5, 1.0)
+    assert isinstance(crop[2], ColorJitter) and crop[2].contrast == (0.7, 1.3) and crop[2].hue == (-0.05, 0.05)
+    # simclr_hfrt: the integer flip-translate in place of crop + flip, then simclr's colour ops (aug_scale unused)
+    hf = _method(tmp_path, augment="simclr_hfrt", aug_scale=(0.5, 1.0), aug_jitter=jit, aug_max_pixels=2,
+                 aug_padding="zeros").aug.ops
+    assert [type(op).__name__ for op in hf] == ["HorizontalFlipRandomCrop", "ColorJitter", "RandomGrayscale"]
+    assert (hf[0].max_pixels, hf[0].padding_mode, hf[0].flip_p) == (2, "zeros", 0.5)
+    assert hf[1].contrast == (0.7, 1.3) and hf[1].p == 0.8 and hf[2].p == 0.2
+    plain = _method(tmp_path, augment="hfrt").aug
+    assert isinstance(plain, HorizontalFlipRandomCrop) and (plain.max_pixels, plain.padding_mode) == (4, "reflection")

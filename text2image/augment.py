@@ -18,7 +18,8 @@ Sources (read for this file; transcribed hyperparameters come from them):
 - ContraD (Jeong & Shin, ICLR 2021), github.com/jh-jeong/ContraD at commit
   4ac8ce538cfc5d068da52b960afe5227862162ff: ``augment/__init__.py`` (``simclr``, ``simclr_hq``,
   ``simclr_hq_cutout``, ``RandomApply``, ``RandomColorGrayLayer``, ``GaussianBlur``, ``DiffAugLayer``),
-  ``augment/spatial.py`` (``RandomResizeCropLayer``, ``HorizontalFlipLayer``, ``CutOut``),
+  ``augment/spatial.py`` (``RandomResizeCropLayer``, ``HorizontalFlipLayer``, ``HorizontalFlipRandomCrop``,
+  ``CutOut``),
   ``augment/color_jitter.py`` (``ColorJitterLayer``, ``RandomHSVFunction``), ``augment/utils.py``
   (``rgb2hsv``, ``hsv2rgb``), ``configs/defaults/augment.gin`` (jitter 0.4/0.4/0.4/0.1, crop scale
   (0.2, 1), blur sigma (0.1, 2), CutOut length 15), ``third_party/diffaug.py``.
@@ -64,7 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Augment", "Identity", "Compose", "RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter",
+__all__ = ["Augment", "Identity", "Compose", "RandomResizedCrop", "RandomHorizontalFlip",
+           "HorizontalFlipRandomCrop", "ColorJitter",
            "RandomGrayscale", "RandomGaussianBlur", "Cutout", "DiffAugment", "build_augment",
            "rgb_to_hsv", "hsv_to_rgb", "AUGMENT_NAMES", "DIFFAUG_OPS"]
 
@@ -306,6 +308,74 @@ class RandomHorizontalFlip(Augment):
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         return x.flip(-1)
+
+
+def _source_index(src: torch.Tensor, n: int, padding_mode: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Integer source positions ``src`` on an axis of ``n`` pixels -> ``(index in [0, n), inside mask or
+    None)`` the way ``grid_sample(mode="nearest", align_corners=False)`` pads: ``"reflection"`` mirrors
+    about the pixel edges -0.5 and n - 0.5 (-1 -> 0, n -> n - 1: the edge pixel repeats, numpy's
+    ``symmetric``), ``"border"`` clamps, ``"zeros"`` clamps and returns the mask of positions inside."""
+    if padding_mode == "reflection":
+        m = torch.remainder(src, 2 * n)
+        return torch.where(m >= n, 2 * n - 1 - m, m), None
+    if padding_mode == "border":
+        return src.clamp(0, n - 1), None
+    return src.clamp(0, n - 1), (src >= 0) & (src < n)
+
+
+class HorizontalFlipRandomCrop(Augment):
+    """ContraD's ``hfrt`` mode (``HorizontalFlipRandomCrop``, ``augment/spatial.py`` at 4ac8ce5): a
+    horizontal flip with probability 1/2 and an integer translation ``dx, dy`` each uniform on
+    ``[-max_pixels, max_pixels]``, drawn independently per sample, out-of-image pixels filled by
+    ``padding_mode`` (reflection in ``configs/defaults/augment.gin``: ``max_pixels = 4``, ``width = 32``;
+    CelebA 128 px: 16 / 128; AFHQ 512 px: 64 / 512).
+
+    The official op builds ``theta = [[s, 0, dx / (width / 2)], [0, 1, dy / (width / 2)]]`` (``s = +-1``,
+    ``torch.bernoulli(0.5) * 2 - 1``; ``torch.randint(-max_pixels, max_pixels + 1, (N, 2))`` for
+    ``(dx, dy)``) and samples ``grid_sample(mode="nearest", align_corners=False)``. With ``width`` the image
+    width (every official config) that lands exactly on pixel centres: output pixel ``(i, j)`` reads input
+    pixel ``(i + dy, j' + dx)`` with ``j' = W - 1 - j`` when flipped, else ``j`` (i.e. flip, then shift by
+    ``-dx``), so here it is an exact gather, no interpolation. Difference: the official shifts ``dy`` in
+    units of ``width / 2`` of the HEIGHT's normalised axis (``dy H / width`` pixels, non-integer on
+    non-square images); here ``dy`` is whole pixels on any image.
+
+    ``flip_p`` (official 1/2; 0 gives the official ``RandomCrop``), ``p`` the probability that a sample is
+    augmented at all (1 officially). ``params``: ``flip`` ``(B,)`` bool, ``dx``, ``dy`` ``(B,)`` int64.
+    """
+
+    def __init__(self, max_pixels: int = 4, padding_mode: Literal["reflection", "zeros", "border"] = "reflection",
+                 flip_p: float = 0.5, p: float = 1.0, input_range: Sequence[float] = (0.0, 1.0)):
+        super().__init__(p, input_range)
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
+            raise ValueError(f"max_pixels must be an integer >= 0; got {max_pixels!r}")
+        if padding_mode not in ("reflection", "zeros", "border"):
+            raise ValueError(f"padding_mode must be 'reflection', 'zeros' or 'border'; got {padding_mode!r}")
+        self.max_pixels, self.padding_mode = max_pixels, padding_mode
+        self.flip_p = _check_p(flip_p, "flip_p")
+
+    def sample_params(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> Params:
+        B = x.shape[0]
+        flip = _coin(self.flip_p, B, x, generator)
+        lim = torch.full((B, 2), self.max_pixels, dtype=torch.int64, device=x.device)
+        d = _randint(-lim, lim, x, generator)
+        return {"flip": flip, "dx": d[:, 0], "dy": d[:, 1]}
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        B, C, H, W = x.shape
+        j = torch.arange(W, device=x.device)
+        cols = torch.where(params["flip"][:, None], W - 1 - j, j) + params["dx"][:, None]      # (B, W)
+        rows = torch.arange(H, device=x.device) + params["dy"][:, None]                        # (B, H)
+        cols, in_c = _source_index(cols, W, self.padding_mode)
+        rows, in_r = _source_index(rows, H, self.padding_mode)
+        y = x.gather(2, rows[:, None, :, None].expand(B, C, H, W))
+        y = y.gather(3, cols[:, None, None, :].expand(B, C, H, W))
+        if in_c is not None:
+            y = y * (in_r[:, None, :, None] & in_c[:, None, None, :]).to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"max_pixels={self.max_pixels}, padding_mode={self.padding_mode!r}, flip_p={self.flip_p}, "
+                + super().extra_repr())
 
 
 def _box_mask(top: torch.Tensor, left: torch.Tensor, size_h: int, size_w: int, H: int, W: int,
@@ -672,14 +742,21 @@ class DiffAugment(Augment):
 # --------------------------------------------------------------------------------------------------
 # builder
 
-AUGMENT_NAMES = ("none", "simclr", "simclr_hq", "simclr_hq_cutout", "cutout", "diffaug")
+AUGMENT_NAMES = ("none", "simclr", "simclr_hq", "simclr_hq_cutout", "cutout", "diffaug", "hfrt",
+                 "simclr_hfrt")
 
 
-def _simclr_ops(kw: dict, blur: bool, cutout: bool) -> list[Augment]:
-    ops: list[Augment] = [
-        RandomResizedCrop(scale=kw.pop("scale", (0.2, 1.0)), ratio=kw.pop("ratio", (3 / 4, 4 / 3)),
-                          p=kw.pop("crop_p", 1.0), padding_mode=kw.pop("padding_mode", "reflection")),
-        RandomHorizontalFlip(p=kw.pop("flip_p", 0.5)),
+def _simclr_ops(kw: dict, blur: bool, cutout: bool, spatial: str = "crop") -> list[Augment]:
+    if spatial == "crop":            # RandomResizeCropLayer, HorizontalFlipLayer
+        ops: list[Augment] = [
+            RandomResizedCrop(scale=kw.pop("scale", (0.2, 1.0)), ratio=kw.pop("ratio", (3 / 4, 4 / 3)),
+                              p=kw.pop("crop_p", 1.0), padding_mode=kw.pop("padding_mode", "reflection")),
+            RandomHorizontalFlip(p=kw.pop("flip_p", 0.5))]
+    else:                            # HorizontalFlipRandomCrop (the hfrt mode)
+        ops = [HorizontalFlipRandomCrop(max_pixels=kw.pop("max_pixels", 4),
+                                        padding_mode=kw.pop("padding_mode", "reflection"),
+                                        flip_p=kw.pop("flip_p", 0.5), p=kw.pop("hfrt_p", 1.0))]
+    ops += [
         ColorJitter(brightness=kw.pop("brightness", 0.4), contrast=kw.pop("contrast", 0.4),
                     saturation=kw.pop("saturation", 0.4), hue=kw.pop("hue", 0.1), p=kw.pop("jitter_p", 0.8),
                     order=kw.pop("order", "per_sample"), hsv_grad=kw.pop("hsv_grad", "straight_through"),
@@ -706,6 +783,16 @@ def build_augment(name: str, **kwargs) -> nn.Module:
     - ``"cutout"``: :class:`Cutout` (``length=15``, ``p=1``).
     - ``"diffaug"``: :class:`DiffAugment` (``policy="color,translation,cutout"``, ``translation_ratio``,
       ``cutout_ratio``, ``p``, ``clamp``).
+    - ``"hfrt"`` (ContraD ``HorizontalFlipRandomCrop``, official mode of the same name): flip with
+      ``flip_p=0.5`` and an integer translation ``dx, dy`` uniform on ``[-max_pixels, max_pixels]``
+      (``max_pixels=4``: ``augment.gin`` at 32 px; scale it with the image, 16 at 128 px, 64 at 512 px),
+      ``padding_mode="reflection"``, ``p=1``.
+    - ``"simclr_hfrt"`` (not an official mode): simclr with its spatial part (the bilinear resized crop
+      and the flip) replaced by the hfrt op (``max_pixels=4``, ``padding_mode="reflection"``,
+      ``flip_p=0.5``, ``hfrt_p=1``), followed by simclr's colour jitter and grayscale with simclr's
+      keywords and defaults. For data whose content is a few pixels (the embedded shapes, 3-6 px
+      objects) where the half-pixel bilinear zoom of the crop blurs what D should see; the official
+      ``simclr`` stays the ContraD default.
 
     Every name takes ``input_range=(0, 1)``. Unknown names or keywords and bad values raise
     ``ValueError`` naming them.
@@ -719,6 +806,12 @@ def build_augment(name: str, **kwargs) -> nn.Module:
     elif name in ("simclr", "simclr_hq", "simclr_hq_cutout"):
         module = Compose(_simclr_ops(kw, blur=name != "simclr", cutout=name == "simclr_hq_cutout"),
                          input_range=input_range)
+    elif name == "simclr_hfrt":
+        module = Compose(_simclr_ops(kw, blur=False, cutout=False, spatial="hfrt"), input_range=input_range)
+    elif name == "hfrt":
+        module = HorizontalFlipRandomCrop(max_pixels=kw.pop("max_pixels", 4),
+                                          padding_mode=kw.pop("padding_mode", "reflection"),
+                                          flip_p=kw.pop("flip_p", 0.5), p=kw.pop("p", 1.0), input_range=input_range)
     elif name == "cutout":
         module = Cutout(length=kw.pop("length", 15), p=kw.pop("p", 1.0), input_range=input_range)
     elif name == "diffaug":

@@ -38,6 +38,11 @@ there), so ``gan.track_g_bn_in_d_steps`` defaults to true here. Linear LR warm-u
 ``_update_warmup`` uses ``min(1, (step + 1) / 3000)`` with steps counted from 1; the engine's schedule
 (``schedule.warmup_steps: 3000``) counts from 0, one step behind.
 
+``model.augment`` names a :func:`text2image.augment.build_augment` mode: ``simclr``, ``simclr_hq`` and
+``simclr_hq_cutout`` take ``aug_scale`` (crop) and ``aug_jitter``; the official ``hfrt``
+(``HorizontalFlipRandomCrop``: flip + integer translation) and ``simclr_hfrt`` (hfrt in place of simclr's
+crop and flip, then simclr's colour ops with ``aug_jitter``) take ``aug_max_pixels`` and ``aug_padding``.
+
 Linear evaluation of the frozen D backbone (the official ``test_lineval.py``; the paper's second claim):
 ``cmgen eval probe --gan-checkpoint RUN [--random-init]`` (:mod:`evaluation.probe_cli`), on the backbone
 output ``ContraDOutput.features`` of shapes images, class = shape. The embedded shapes run is judged by
@@ -337,6 +342,8 @@ class ContraDModelConfig:
     augment: str = "simclr"              # --aug (text2image.augment.build_augment)
     aug_scale: tuple[float, float] = (0.2, 1.0)                  # RandomResizeCropLayer.scale (simclr*)
     aug_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)   # ColorJitterLayer b, c, s, h
+    aug_max_pixels: int = 4              # HorizontalFlipRandomCrop.max_pixels (hfrt, simclr_hfrt; 4 at 32 px)
+    aug_padding: str = "reflection"      # HorizontalFlipRandomCrop.padding_mode (hfrt, simclr_hfrt)
     gather_distributed: bool = True      # contrastive terms over the global batch under DDP
     # arch = stylegan2 (text2image.stylegan2; official values: tests/test_stylegan2.py OFFICIAL). There
     # g_channels / d_channels are the widths at 4 px (512 official) and scale the whole width table.
@@ -377,7 +384,11 @@ class ContraDMethod(GANMethod):
         kw = {}
         if m.augment.startswith("simclr"):
             b, c, sat, h = m.aug_jitter
-            kw = dict(scale=tuple(m.aug_scale), brightness=b, contrast=c, saturation=sat, hue=h)
+            kw = dict(brightness=b, contrast=c, saturation=sat, hue=h)
+        if m.augment in ("hfrt", "simclr_hfrt"):      # integer translation + flip instead of the resized crop
+            kw.update(max_pixels=int(m.aug_max_pixels), padding_mode=m.aug_padding)
+        elif m.augment.startswith("simclr"):
+            kw["scale"] = tuple(m.aug_scale)
         self.aug = build_augment(m.augment, **kw)
         self.nt_xent = NTXent(temperature=m.temperature, normalize=False, gather_distributed=m.gather_distributed)
         self._dataset = None
