@@ -346,8 +346,9 @@ def flat_keys(cls_or_cfg: Any, prefix: str = "") -> list[str]:
     for name, tp in _hints(cls).items():
         path = f"{prefix}{name}"
         out.append(path)
-        if is_dataclass(tp):
-            out.extend(flat_keys(tp, path + "."))
+        section = _optional_section(tp)
+        if section is not None:
+            out.extend(flat_keys(section, path + "."))
     return out
 
 
@@ -421,7 +422,11 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
     """Return a copy of ``cfg`` with ``key=value`` overrides applied (nested keys joined by dots).
 
     Values are parsed as YAML (``train.grad_clip=null``, ``optim.betas=[0.5,0.999]``); a field typed
-    ``str`` keeps the raw text (``run.name=123``).
+    ``str`` keeps the raw text (``run.name=123``). A key inside an optional section that is off (None,
+    e.g. ``gan.d_optim.lr=2e-3``) first creates the section: a copy of the section the config class names
+    in ``OPTIONAL_SECTION_SEEDS`` (``{"gan.d_optim": "optim"}``: D's optimizer starts as G's, as it
+    behaves while it is None) as it stands when that override is applied (overrides apply left to
+    right: put ``optim.*`` first to carry it into the copy), else the section's defaults.
     """
     cfg = copy.deepcopy(cfg)
     for item in overrides:
@@ -440,6 +445,24 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
         raise
 
 
+def _optional_section(tp: Any) -> type | None:
+    """The dataclass of a section annotation, plain (``OptimConfig``) or optional
+    (``Optional[OptimConfig]``); None for a value annotation."""
+    if is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and is_dataclass(args[0]):
+            return args[0]
+    return None
+
+
+def _get_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def _apply_override(cfg: Any, item: str) -> None:
     """Set one ``key=value`` in place (errors are prefixed with the override by the caller)."""
     aliases = getattr(type(cfg), "ALIASES", {})
@@ -456,9 +479,13 @@ def _apply_override(cfg: Any, item: str) -> None:
             raise _unknown_key(key, type(node), type(cfg), ".".join(parts[:depth]))
         tp = hints[part]
         if depth < len(parts) - 1:
-            if not is_dataclass(tp):
+            section = _optional_section(tp)
+            if section is None:
                 raise ConfigError(f"config key '{path}' is a {_type_name(tp)}, not a section; "
                                   f"cannot set '{key}'")
+            if getattr(node, part) is None:         # an optional section that is off: create it first
+                seed = getattr(type(cfg), "OPTIONAL_SECTION_SEEDS", {}).get(path)
+                setattr(node, part, copy.deepcopy(_get_dotted(cfg, seed)) if seed else section())
             node = getattr(node, part)
             continue
         try:

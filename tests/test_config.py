@@ -100,3 +100,39 @@ def test_toy_yaml_file_loads_with_overrides(tmp_path):
     assert from_yaml(ToyConfig, to_yaml(cfg)) == cfg
     with pytest.raises(ConfigError, match="unknown method 'tyo'.*'toy'"):
         load_config("configs/toy/synthetic.yaml", ["method=tyo"])
+
+
+@dataclass
+class _WithOptional(ExperimentConfig):
+    method: str = "x"
+    extra: Optional[_Inner] = None
+    second: Optional[_Inner] = None
+    OPTIONAL_SECTION_SEEDS = {"second": "model"}
+    model: _Inner = field(default_factory=_Inner)
+
+
+def test_a_key_inside_an_optional_section_creates_it():
+    cfg = apply_overrides(_WithOptional(), ["extra.size=7"])
+    assert cfg.extra == _Inner(size=7)                          # the section's defaults, then the key
+    cfg = apply_overrides(_WithOptional(), ["model.scale=2.5", "second.size=9"])
+    assert cfg.second == _Inner(size=9, scale=2.5) and cfg.model == _Inner(scale=2.5)   # seeded from model
+    assert cfg.second is not cfg.model
+    assert apply_overrides(_WithOptional(), ["second.size=9", "model.scale=2.5"]).second.scale == 1.0  # in order
+    assert apply_overrides(_WithOptional(), ["extra.size=7", "extra=null"]).extra is None
+    with pytest.raises(ConfigError, match="extra.sise"):
+        apply_overrides(_WithOptional(), ["extra.sise=7"])
+    assert {"extra.size", "second.tags"} <= set(flat_keys(_WithOptional))
+
+
+def test_gan_d_optim_override_starts_from_optim(tmp_path):
+    """TTUR from the command line: gan.d_optim.lr on a config without a d_optim section gives D G's optimizer
+    settings with only the named key changed; on a config with one it sets that key; range-checked like optim."""
+    cfg = load_config("configs/contrad/shapes.yaml", ["optim.betas=[0.0,0.999]", "gan.d_optim.lr=2e-3"])
+    assert load_config("configs/contrad/shapes.yaml").gan.d_optim is None
+    assert cfg.gan.d_optim is not None and cfg.gan.d_optim.lr == 2e-3
+    assert cfg.gan.d_optim.betas == cfg.optim.betas == (0.0, 0.999) and cfg.gan.d_optim.name == cfg.optim.name
+    assert cfg.optim.lr != 2e-3
+    cfg = load_config("configs/contragan/shapes.yaml", ["gan.d_optim.betas=[0.0,0.9]"])    # a d_optim section
+    assert cfg.gan.d_optim.betas == (0.0, 0.9) and cfg.optim.betas != (0.0, 0.9)
+    with pytest.raises(ConfigError, match="gan.d_optim.lr"):
+        load_config("configs/contrad/shapes.yaml", ["gan.d_optim.lr=-1"])

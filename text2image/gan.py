@@ -50,7 +50,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,10 @@ class GANEvalSettings:
 @dataclass
 class GANConfig(ExperimentConfig):
     gan: GANSettings = field(default_factory=GANSettings)
+
+    # `gan.d_optim.lr=...` on a config without a d_optim section starts D's optimizer as a copy of `optim`
+    # (what D uses while d_optim is None), so a TTUR override changes only what it names.
+    OPTIONAL_SECTION_SEEDS: ClassVar[dict[str, str]] = {"gan.d_optim": "optim"}
     eval: GANEvalSettings = field(default_factory=GANEvalSettings)
 
 
