@@ -216,3 +216,33 @@ def test_video_pipeline_bench_smoke(tmp_path):
     assert "Machine: " in md
     with pytest.raises(ValueError, match="pipeline"):
         bench.build("opencv", tmp_path, 1)
+
+
+def test_shapes_gan_quality_bench_smoke(tmp_path, monkeypatch, capsys):
+    """bench/shapes_gan_quality.py (in-process, tiny evaluator): a 4-step ContraD run and a 4-step ContraGAN
+    run are trained, timed and scored with the scorer of their kind; the table and the JSON lines are written."""
+    from evaluation import shapes_eval
+
+    monkeypatch.setattr(shapes_eval, "_TRAIN_IMAGES", 200)
+    monkeypatch.setattr(shapes_eval, "_EPOCHS", 1)
+    spec = importlib.util.spec_from_file_location("bench_shapes_gan_quality", BENCH / "shapes_gan_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = ["train.max_steps=4", "train.batch_size=4", "ema.start_step=1", "train.checkpoint_every=4",
+            "data.num_images=40"]
+    jsonl = tmp_path / "q.jsonl"
+    for config, key in (("configs/contrad/shapes.yaml", "confident"), ("configs/contragan/shapes.yaml", "class_accuracy")):
+        code = bench.main([str(BENCH.parent / config), "--seeds", "3", "--samples", "8", "--out", str(tmp_path / "o"),
+                           "--json", str(jsonl), "--tag", "smoke", *tiny])
+        assert code == 0
+        rec = json.loads(jsonl.read_text().splitlines()[-1])
+        assert rec["seed"] == 3 and rec["steps"] == 4 and rec["samples"] == 8 and rec["weights"] == "ema"
+        assert rec["cpu_s"] > 0 and rec["wall_s"] > 0 and 0 <= rec[key] <= 1 and rec["shapes_fd"] > 0
+        assert rec["overrides"] == tiny and isinstance(rec["meets"], bool)
+        assert (tmp_path / "o" / "runs" / "smoke-s3").is_dir()
+    out = capsys.readouterr().out
+    assert "| seed | steps | CPU-s | wall-s | confident | classes_covered |" in out and "| class acc |" in out
+    assert out.count("| mean |") == 2 and len(jsonl.read_text().splitlines()) == 2
+    # 40 images under the GAN demo's folder for their settings, not the default shapes_32px of another size
+    assert (tmp_path / "o" / "data" / "shapes_32px_n40_s0").is_dir()
+    assert not (tmp_path / "o" / "data" / "shapes_32px").exists()

@@ -1,0 +1,138 @@
+"""Sample quality of a GAN shapes config per seed (issue 7): train, time, sample the G-EMA, score.
+
+    python bench/shapes_gan_quality.py configs/contrad/shapes.yaml --seeds 0 1 2
+    python bench/shapes_gan_quality.py configs/contrad/shapes.yaml --seeds 0 --tag hfrt2000 \\
+        --out /tmp/me/sq --json bench/results/shapes_gan_quality.jsonl model.augment=simclr_hfrt train.max_steps=2000
+
+Per seed (``run.seed``; the data stay ``data.seed``'s): the config with the overrides is trained from
+scratch under ``--out`` (a temporary folder by default; with ``--out`` the data, in the GAN demo's folder
+for their settings, and the shapes evaluator are written once and reused), ``train.sample_every=0`` and no trackers. The data are written before the
+clocks start, so CPU seconds (``time.process_time``, this process, ``--threads`` threads) and wall seconds
+cover ``cmgen.engine.trainer.train`` only. Then ``--samples`` images of the G-EMA (the run's last
+checkpoint, ``cmgen.generate_cli``, sample seed 0) are scored by the shapes evaluator of the run's data:
+
+- class-conditional G: ``evaluation.shapes_eval.evaluate_generator`` (class accuracy against the drawn
+  classes, uniform; shapes-FD), as the GAN demo scores; criterion class accuracy >= 0.60;
+- unconditional G: ``text2image.contrad.unconditional_shapes_scores`` (confident share at max prob >=
+  0.5, classes covered, class entropy / log 5, shapes-FD); criterion >= 60 % confident with all 5 classes.
+
+Shapes-FD is in the evaluator's feature space, not FID. Prints a markdown table (one row per seed, then
+the mean); ``--json FILE`` appends one JSON line per seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+sys.path.insert(0, str(_HERE.parent))
+
+import _measure  # noqa: E402
+
+CRITERION = {"class_accuracy": 0.60, "confident": 0.60, "classes": 5}   # issue 7
+
+
+def measure_seed(config: str, seed: int, out: Path, overrides: list[str], samples: int, tag: str) -> dict:
+    """Train ``config`` at ``run.seed=seed`` under ``out``, then score ``samples`` G-EMA images."""
+    import torch
+
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import run_dir_of, train
+    from cmgen.generate_cli import load_generator, sample_images
+    from evaluation.generation_cli import shapes_root_of
+    from evaluation.shapes_eval import ShapesEvaluator, evaluate_generator
+    from text2image.contrad import unconditional_shapes_scores
+    from text2image import gan_demo
+    from text2image.contragan import build_class_image_dataset
+
+    base = load_config(config, overrides)
+    # one data folder per (size, num_images, data seed, max_shapes), as the GAN demo names them
+    data = [] if base.data.root else [f"data.root={gan_demo._data_root(out, base)}"]
+    cfg = load_config(config, [*overrides, *data, f"run.seed={seed}", f"run.output_dir={out / 'runs'}",
+                               f"run.name={tag}-s{seed}", "train.sample_every=0", "train.trackers=[]",
+                               "train.progress_bar=false"])
+    shutil.rmtree(run_dir_of(cfg), ignore_errors=True)                 # a fresh run, never a resume
+    build_class_image_dataset(cfg, cfg.model.image_size, (0.0, 1.0))   # the data, before the clocks
+    c0, w0 = time.process_time(), time.perf_counter()
+    train(cfg)
+    cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - w0
+    run_dir = run_dir_of(cfg)
+    lg = load_generator(run_dir)
+    rec = {"tag": tag, "config": config, "overrides": overrides, "seed": seed, "steps": cfg.train.max_steps,
+           "cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1), "samples": samples,
+           "weights": lg.source.get("weights")}
+    if lg.num_classes:
+        m = evaluate_generator(run_dir, samples, seed=0)
+        rec.update(class_accuracy=m["class_accuracy"], shapes_fd=m["shapes_fd"])
+        rec["meets"] = m["class_accuracy"] >= CRITERION["class_accuracy"]
+    else:
+        ev = ShapesEvaluator.load_or_train(shapes_root_of(lg.method, lg.cfg))
+        with torch.no_grad():
+            x = torch.cat([b.cpu() for b, _ in sample_images(lg, samples, seed=0, batch_size=100)])
+        rec.update(unconditional_shapes_scores(ev, x))
+        rec["meets"] = rec["confident"] >= CRITERION["confident"] and rec["classes_covered"] >= CRITERION["classes"]
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
+
+
+def table(records: list[dict]) -> str:
+    """One row per seed, then the mean of the numeric columns and the number of seeds meeting the criterion."""
+    cond = "class_accuracy" in records[0]
+    cols = (["class_accuracy"] if cond else ["confident", "classes_covered", "class_entropy"]) + ["shapes_fd"]
+    heads = ["seed", "steps", "CPU-s", "wall-s", *("class acc" if c == "class_accuracy" else c for c in cols),
+             "meets"]
+    fmt = {"confident": "{:.0%}", "class_accuracy": "{:.2f}", "classes_covered": "{:.1f}",
+           "class_entropy": "{:.2f}", "shapes_fd": "{:.0f}"}
+    rows = [[r["seed"], r["steps"], f"{r['cpu_s']:.0f}", f"{r['wall_s']:.0f}",
+             *(fmt[c].format(r[c]) if c != "classes_covered" else r[c] for c in cols), "yes" if r["meets"] else "no"]
+            for r in records]
+    mean = lambda k: statistics.fmean(r[k] for r in records)  # noqa: E731
+    rows.append(["mean", "", f"{mean('cpu_s'):.0f}", f"{mean('wall_s'):.0f}", *(fmt[c].format(mean(c)) for c in cols),
+                 f"{sum(r['meets'] for r in records)}/{len(records)}"])
+    return _measure.markdown_table(heads, rows, align="l" + "r" * (len(heads) - 1))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--tag", default=None, help="run name prefix and JSON tag (default: the config's stem)")
+    p.add_argument("--out", type=Path, default=None, help="runs and data go here (default: a temporary folder)")
+    p.add_argument("--json", type=Path, default=None, help="append one JSON line per seed to this file")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_intermixed_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    tag = args.tag or Path(args.config).stem
+    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="shapes_gan_quality_")
+    out = args.out or Path(tmp.name)
+    try:
+        records = []
+        for seed in args.seeds:
+            records.append(measure_seed(args.config, seed, out, args.overrides, args.samples, tag))
+            print(json.dumps(records[-1]), flush=True)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({**records[-1], "machine": _measure.cpu_model()}) + "\n")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print(f"\n{tag}: {args.config} {' '.join(args.overrides)} ({args.samples} G-EMA samples, "
+          f"{args.threads} thread(s))\n\n{table(records)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
