@@ -1,6 +1,7 @@
 """ContraGAN: BigGAN blocks, G/D outputs, the D/G objectives against hand-computed ones, one step of each,
 EMA sample grid, save/load, and a 2-step engine run on the embedded shapes data."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -569,3 +570,33 @@ def test_shapes_max_shapes_option_writes_that_data(tmp_path):
     build_class_image_dataset(cfg, 32, (-1.0, 1.0))
     info2 = json.loads((tmp_path / "data" / "shapes_32px" / "dataset_info.json").read_text())
     assert info2["config"]["max_shapes"] == 2
+
+
+def test_shapes_primary_size_option_writes_that_data(tmp_path):
+    import json
+    from cmgen.config import ConfigError
+    from cmgen.engine.registry import load_config
+    from text2image.contragan import build_class_image_dataset, shapes_variant_suffix
+
+    cfg = ContraGANConfig()
+    cfg.run.output_dir = str(tmp_path)
+    cfg.data.num_images = 40
+    assert shapes_variant_suffix(cfg.data) == ""
+    cfg.data.primary_size = "large"
+    assert shapes_variant_suffix(cfg.data) == "_large"
+    build_class_image_dataset(cfg, 32, (-1.0, 1.0))
+    root = tmp_path / "data" / "shapes_32px_large"          # never the default data's root
+    assert json.loads((root / "dataset_info.json").read_text())["config"]["primary_size"] == "large"
+    records = json.loads((root / "annotations" / "attributes_train.json").read_text())["images"]
+    assert all(r["objects"][0]["size"] == "large" for r in records)
+    assert not (tmp_path / "data" / "shapes_32px").exists()
+    cfg.data.max_shapes = 1
+    assert shapes_variant_suffix(cfg.data) == "_m1_large"
+    cfg.data.primary_size = "mixed"
+    build_class_image_dataset(cfg, 32, (-1.0, 1.0))             # the default keeps its root, no key
+    info = json.loads((tmp_path / "data" / "shapes_32px_m1" / "dataset_info.json").read_text())
+    assert "primary_size" not in info["config"]
+    path = Path(__file__).resolve().parents[1] / "configs" / "contragan" / "shapes.yaml"
+    assert load_config(path, ["data.primary_size=large"]).data.primary_size == "large"
+    with pytest.raises(ConfigError, match="primary_size"):
+        load_config(path, ["data.primary_size=huge"])

@@ -146,6 +146,72 @@ def test_shapes_bad_arguments(tmp_path):
             write_shapes(tmp_path, progress=False, **kwargs)
 
 
+# attributes_{train,val}.json of write_shapes(num_images=40, image_size=32, seed=11, max_shapes=1,
+# val_fraction=0.25, captions_per_image=2), written by the writer before primary_size existed (every file
+# of that dataset was byte-identical after the option was added)
+_GOLDEN_MIXED_ATTRIBUTES = {
+    "train": "112fb7baf649d8c9199d1dbe6dedf10dee0909627f7b15a9b3ede81e9832d09d",
+    "val": "cd0bd41532536d495481f0e6849379f2080054e9be89349e3d82f25921153cc9"}
+_GOLDEN_KW = dict(num_images=40, image_size=32, seed=11, max_shapes=1, val_fraction=0.25, captions_per_image=2,
+                  progress=False)
+
+
+def _records(root: Path) -> list[dict]:
+    return [r for split in ("train", "val")
+            for r in json.loads((root / f"annotations/attributes_{split}.json").read_text())["images"]]
+
+
+def test_shapes_primary_size_default_is_the_old_data(tmp_path):
+    write_shapes(tmp_path / "d", **_GOLDEN_KW)
+    write_shapes(tmp_path / "m", primary_size="mixed", **_GOLDEN_KW)
+    for split, digest in _GOLDEN_MIXED_ATTRIBUTES.items():
+        data = (tmp_path / "d" / f"annotations/attributes_{split}.json").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest
+    assert _hashes(tmp_path / "d") == _hashes(tmp_path / "m")
+    info = json.loads((tmp_path / "d" / "dataset_info.json").read_text())
+    assert "primary_size" not in info["config"]           # data written before the option: same config
+    sizes = [r["objects"][0]["size"] for r in _records(tmp_path / "d")]
+    assert {"small", "large"} <= set(sizes)               # the default mixes the two
+
+
+@pytest.mark.parametrize("max_shapes", [1, 3])
+def test_shapes_primary_size_large(tmp_path, max_shapes):
+    kw = {**_GOLDEN_KW, "max_shapes": max_shapes}
+    write_shapes(tmp_path / "mixed", **kw)
+    info = write_shapes(tmp_path / "large", primary_size="large", **kw)
+    assert info["config"]["primary_size"] == "large"
+    assert json.loads((tmp_path / "large" / "dataset_info.json").read_text())["config"]["primary_size"] == "large"
+    mixed, large = _records(tmp_path / "mixed"), _records(tmp_path / "large")
+    assert all(r["objects"][0]["size"] == "large" for r in large)
+    assert all(o["size"] == "small" for r in large for o in r["objects"][1:])   # still the unique largest
+    assert any(r["objects"][0]["size"] == "small" for r in mixed)
+    # the same random draws: only the sizes (and boxes) of the lone objects differ
+    assert len(mixed) == len(large)
+    for a, b in zip(mixed, large):
+        assert a["label"] == b["label"]
+        grown = a["objects"][0]["size"] == "small"
+        assert [c.replace("small", "large") if grown else c for c in a["captions"]] == b["captions"]
+        assert [(o["shape"], o["colour"], o["cell"]) for o in a["objects"]] == \
+            [(o["shape"], o["colour"], o["cell"]) for o in b["objects"]]
+    # the pixels show it: a large primary covers more of the image than a small one did
+    for a, b in zip(mixed, large):
+        if a["objects"][0]["size"] == "small" and len(a["objects"]) == 1:
+            split = a["file_name"].split("_")[0]
+            lit = [np.asarray(Image.open(root / split / a["file_name"])).max(axis=2) > 60
+                   for root in (tmp_path / "mixed", tmp_path / "large")]
+            assert lit[1].sum() > 1.8 * lit[0].sum()
+
+
+def test_shapes_primary_size_bad_value_and_reuse(tmp_path):
+    with pytest.raises(ValueError, match="primary_size.*'huge'"):
+        write_shapes(tmp_path / "bad", primary_size="huge", progress=False)
+    kw = dict(num_images=6, val_fraction=0.0, progress=False)
+    write_shapes(tmp_path / "d", **kw)
+    write_shapes(tmp_path / "d", primary_size="mixed", **kw)           # the same dataset: rewritten
+    with pytest.raises(FileExistsError, match="primary_size"):          # another one: refused, named
+        write_shapes(tmp_path / "d", primary_size="large", **kw)
+
+
 def test_overwrite_rules(tmp_path):
     kw = dict(num_images=6, val_fraction=0.0, progress=False)
     write_shapes(tmp_path, **kw)
@@ -183,6 +249,12 @@ def test_cli(tmp_path, capsys):
     assert cmgen_main(["data", "shapes", "--out", out, "--num-images", "7", "--val-fraction", "0",
                        "--no-progress", "--overwrite"]) == 0
     assert len(list((tmp_path / "d" / "train").iterdir())) == 7
+    out = str(tmp_path / "l")
+    assert cmgen_main(["data", "shapes", "--out", out, "--num-images", "6", "--val-fraction", "0",
+                       "--max-shapes", "1", "--primary-size", "large", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "l" / "dataset_info.json").read_text())["config"]["primary_size"] == "large"
+    assert all(r["objects"][0]["size"] == "large" for r in json.loads(
+        (tmp_path / "l" / "annotations" / "attributes_train.json").read_text())["images"])
     out = str(tmp_path / "v")
     assert cmgen_main(["data", "moving-digits", "--out", out, "--num-videos", "16", "--num-frames", "4",
                        "--clips-per-group", "1", "--label", "direction", "--no-progress"]) == 0
@@ -397,6 +469,11 @@ def test_writer_config_matches_dataset_info(shapes_dir, digits_dir):
                                            if k != "progress"}) == info["config"]
     with pytest.raises(ValueError, match="frame_size"):
         writer_config("moving-digits", {"frame_size": 32})
+    # primary_size is recorded only when not the default, as the writer records it: the default data's
+    # config (and so its embedded_data_dir digest) is what it was before the option existed
+    assert "primary_size" not in writer_config("shapes", {}) and \
+        "primary_size" not in writer_config("shapes", {"primary_size": "mixed"})
+    assert writer_config("shapes", {"primary_size": "large"})["primary_size"] == "large"
 
 
 def test_embedded_data_default_location_and_generate_modes(tmp_path, monkeypatch, capsys):

@@ -74,3 +74,9 @@ def test_data_root_separates_max_shapes_variants(tmp_path):
     assert one == tmp_path / "data" / "shapes_32px_n512_s0_m1"
     assert _data_root(tmp_path, load_config(path, ["data.num_images=256", "data.max_shapes=2"])).name == \
         "shapes_32px_n256_s0"
+    large = ["data.primary_size=large"]               # the large-object variant: its own folder
+    assert _data_root(tmp_path, load_config(path, [*base, *large])) == tmp_path / "data" / "shapes_32px_n512_s0_large"
+    assert _data_root(tmp_path, load_config(path, [*base, *large, "data.max_shapes=1"])).name == \
+        "shapes_32px_n512_s0_m1_large"
+    assert _data_root(tmp_path, load_config(path, [*base, "data.primary_size=mixed"])) == \
+        tmp_path / "data" / "shapes_32px"

@@ -355,7 +355,9 @@ class ClassImageDataConfig:
     folder tree such as Tiny ImageNet's or ImageNet's train split, resized to the model's image size).
     ``hflip``: random horizontal flip (StudioGAN ``apply_rflip``). ``max_shapes`` (shapes only): each
     image has 1..max_shapes objects (``write_shapes``; 2 = the default data, 1 = the class object alone,
-    small or large at random); the default root is ``shapes_<image_size>px_m<max_shapes>`` unless 2.
+    small or large at random); ``primary_size`` (shapes only): ``"mixed"`` (the default data) or
+    ``"large"`` (``write_shapes(primary_size="large")``: the class object is always large). The default
+    root is ``shapes_<image_size>px`` plus :func:`shapes_variant_suffix` (``_m1``, ``_large``, ...).
     """
 
     kind: Literal["shapes", "cifar10", "cifar100", "imagefolder"] = "shapes"
@@ -364,6 +366,7 @@ class ClassImageDataConfig:
     seed: int = 0
     hflip: bool = True
     max_shapes: int = 2
+    primary_size: Literal["mixed", "large"] = "mixed"
 
 
 ShapesClassDataConfig = ClassImageDataConfig  # earlier name
@@ -381,9 +384,11 @@ def _random_hflip(x: torch.Tensor) -> torch.Tensor:
 
 
 def shapes_variant_suffix(d: ClassImageDataConfig) -> str:
-    """The folder-name tag of a shapes data variant: ``""`` for the default data (1..2 objects per image),
-    ``"_m<max_shapes>"`` otherwise, so that two variants never share a default root."""
-    return "" if d.max_shapes == 2 else f"_m{d.max_shapes}"
+    """The folder-name tag of a shapes data variant: ``""`` for the default data (1..2 objects per image,
+    primary size mixed), else ``"_m<max_shapes>"`` when max_shapes is not 2 followed by ``"_large"`` when
+    primary_size is large, so that two variants never share a default root."""
+    return (("" if d.max_shapes == 2 else f"_m{d.max_shapes}")
+            + ("" if d.primary_size == "mixed" else f"_{d.primary_size}"))
 
 
 def _shapes_root(cfg, image_size: int) -> Path:
@@ -402,7 +407,8 @@ def build_class_image_dataset(cfg, image_size: int, value_range: Sequence[float]
         from text2image.data import ShapesAttributes, class_conditional_imagefolder
         root = _shapes_root(cfg, image_size)
         ensure_dataset(root, ".", lambda: write_shapes(root, num_images=d.num_images, image_size=image_size,
-                                                       seed=d.seed, max_shapes=d.max_shapes, progress=False))
+                                                       seed=d.seed, max_shapes=d.max_shapes,
+                                                       primary_size=d.primary_size, progress=False))
         classes = ShapesAttributes(root, "train").classes
         return class_conditional_imagefolder(root / "imagefolder" / "train", image_size, flip, value_range,
                                              classes), classes

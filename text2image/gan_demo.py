@@ -132,7 +132,7 @@ def _data_root(out: Path, cfg) -> Path:
     from text2image.contragan import shapes_variant_suffix
 
     d = cfg.data
-    if (cfg.model.image_size, d.num_images, d.seed, d.max_shapes) == (32, 512, 0, 2):
+    if (cfg.model.image_size, d.num_images, d.seed, shapes_variant_suffix(d)) == (32, 512, 0, ""):
         return out / "data" / "shapes_32px"
     return out / "data" / f"shapes_{cfg.model.image_size}px_n{d.num_images}_s{d.seed}{shapes_variant_suffix(d)}"
 

@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shapes", type=int, default=2, help="1..N shapes per image (N <= 9)")
+    p.add_argument("--primary-size", default="mixed", choices=("mixed", "large"),
+                   help="size of the class (primary) object: mixed = a lone object small or large at random, "
+                        "large = always large")
     p.add_argument("--val-fraction", type=float, default=0.125, help="share of images in the val split")
     p.add_argument("--captions-per-image", type=int, default=5)
     _common(p)
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         info = write_shapes(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
                             max_shapes=args.max_shapes, val_fraction=args.val_fraction,
                             captions_per_image=args.captions_per_image, overwrite=args.overwrite,
-                            progress=args.progress)
+                            progress=args.progress, primary_size=args.primary_size)
         counts = info["num_images"]
     elif args.dataset == "moving-digits":
         info = write_moving_digits(args.out, num_videos=args.num_videos, num_frames=args.num_frames,

@@ -146,13 +146,18 @@ def _writer(dataset: str) -> Callable[..., dict[str, Any]]:
 
 def writer_config(dataset: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The ``config`` the writer of ``dataset`` records in ``dataset_info.json`` for keyword ``settings``
-    (its defaults filled in); a keyword the writer does not take raises ``ValueError``."""
-    params = inspect.signature(_writer(dataset)).parameters
+    (its defaults filled in; a setting the writer lists in its ``config_omits_default`` attribute, added
+    after data was already written, is left out at its default, as the writer leaves it out); a keyword
+    the writer does not take raises ``ValueError``."""
+    writer = _writer(dataset)
+    params = inspect.signature(writer).parameters
     names = [n for n in params if n not in ("out_dir", "overwrite", "progress")]
     unknown = sorted(set(settings) - set(names))
     if unknown:
         raise ValueError(f"{dataset} writer takes no setting {unknown}; it takes {names}")
-    return {n: settings.get(n, params[n].default) for n in names}
+    omit = getattr(writer, "config_omits_default", ())
+    return {n: settings.get(n, params[n].default) for n in names
+            if not (n in omit and settings.get(n, params[n].default) == params[n].default)}
 
 
 def embedded_data_dir(dataset: str, settings: dict[str, Any]) -> Path:

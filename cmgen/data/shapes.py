@@ -6,7 +6,10 @@ from each caption, so a classifier trained on these images can score generated o
 
 The **primary** object (``objects[0]``) defines the image's class for the ImageFolder copy. It is the
 unique largest object: a single object is small or large at random; with several objects the primary
-is large and the others are small, so the class of an image is never ambiguous. Primary shapes are
+is large and the others are small, so the class of an image is never ambiguous. ``primary_size="large"``
+(opt-in) makes a single object large too, so every class object is large; the random draws are the
+same as the default's (the size draw is made and then overridden), so the two variants share shapes,
+colours, cells and captions' order, and differ only in the sizes (and jitter range) of single objects. Primary shapes are
 balanced within each split (every class appears in every split, which ``torchvision`` ImageFolder
 requires).
 
@@ -38,7 +41,8 @@ from tqdm.auto import tqdm
 
 from .common import FORMAT_VERSION, INFO_FILE, prepare_out_dir, write_json, write_text
 
-__all__ = ["SHAPES", "COLOURS", "SIZES", "POSITIONS", "TEMPLATES", "render_shapes", "write_shapes"]
+__all__ = ["SHAPES", "COLOURS", "SIZES", "POSITIONS", "TEMPLATES", "PRIMARY_SIZES", "render_shapes",
+           "write_shapes"]
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 # Saturated, mutually distinct colours that stay distinct after downsampling to 32 px.
@@ -66,6 +70,9 @@ TEMPLATES = (
     {"part": "in the {position} there is a {size} {colour} {shape}", "whole": "{objects}"},
     {"part": "a {colour} {shape} of {size} size in the {position}", "whole": "a black picture with {objects}"},
 )
+# ``write_shapes(primary_size=...)``: "mixed" (default) = a lone object is small or large at random,
+# "large" = the primary (class) object is always large.
+PRIMARY_SIZES = ("mixed", "large")
 _SUPERSAMPLE = 4
 _IMAGE_SIZES = (32, 64, 128)
 
@@ -127,14 +134,17 @@ def render_shapes(objects: list[dict[str, Any]],
     return canvas.resize((image_size, image_size), Image.Resampling.BOX), geometry
 
 
-def _sample_objects(rng: np.random.Generator, primary_shape: int, max_shapes: int) -> list[dict[str, Any]]:
+def _sample_objects(rng: np.random.Generator, primary_shape: int, max_shapes: int,
+                   primary_size: str = "mixed") -> list[dict[str, Any]]:
     k = int(rng.integers(1, max_shapes + 1))
     cells = rng.choice(len(POSITIONS), size=k, replace=False)
     objects = []
     for i in range(k):
         shape = SHAPES[primary_shape] if i == 0 else SHAPES[int(rng.integers(len(SHAPES)))]
         if k == 1:
-            size = ("small", "large")[int(rng.integers(2))]
+            size = ("small", "large")[int(rng.integers(2))]   # drawn in both modes: same stream
+            if primary_size == "large":
+                size = "large"
         else:
             size = "large" if i == 0 else "small"
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
@@ -158,7 +168,7 @@ def _captions(rng: np.random.Generator, objects: list[dict[str, Any]], n: int) -
 
 def write_shapes(out_dir: str | os.PathLike, num_images: int = 512, image_size: int = 64, seed: int = 0,
                  max_shapes: int = 2, val_fraction: float = 0.125, captions_per_image: int = 5,
-                 overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                 overwrite: bool = False, progress: bool = True, primary_size: str = "mixed") -> dict[str, Any]:
     """Write the ``shapes`` dataset (layout in the module docstring); deterministic in ``seed``.
 
     Args:
@@ -170,6 +180,10 @@ def write_shapes(out_dir: str | os.PathLike, num_images: int = 512, image_size: 
         captions_per_image: distinct caption templates per image, 1..len(TEMPLATES).
         overwrite: replace a different dataset already in ``out_dir``.
         progress: show a tqdm bar.
+        primary_size: ``"mixed"`` (default): a lone object is small or large at random (with several,
+            the primary is large); ``"large"``: the primary (class) object is always large. Recorded in
+            ``dataset_info.json``'s config only when not ``"mixed"``, so data written before the option
+            existed is still recognised as the same dataset.
 
     Returns:
         ``dataset_info.json``'s content plus ``"root"`` (absolute path).
@@ -182,6 +196,8 @@ def write_shapes(out_dir: str | os.PathLike, num_images: int = 512, image_size: 
         raise ValueError(f"captions_per_image must be in [1, {len(TEMPLATES)}], got {captions_per_image}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if primary_size not in PRIMARY_SIZES:
+        raise ValueError(f"primary_size must be one of {PRIMARY_SIZES}, got {primary_size!r}")
     num_val = int(round(num_images * val_fraction))
     split_sizes = {"train": num_images - num_val, "val": num_val}
     for split, n in split_sizes.items():
@@ -190,6 +206,8 @@ def write_shapes(out_dir: str | os.PathLike, num_images: int = 512, image_size: 
                              f"val_fraction={val_fraction}); each split needs >= {len(SHAPES)}, one per class")
     config = {"num_images": num_images, "image_size": image_size, "seed": seed, "max_shapes": max_shapes,
               "val_fraction": val_fraction, "captions_per_image": captions_per_image}
+    if primary_size != "mixed":
+        config["primary_size"] = primary_size
     root = prepare_out_dir(out_dir, "shapes", config, overwrite)
 
     rng = np.random.default_rng(seed)
@@ -203,7 +221,7 @@ def write_shapes(out_dir: str | os.PathLike, num_images: int = 512, image_size: 
         primaries = rng.permutation(np.resize(np.arange(len(SHAPES)), n))
         coco_images, coco_annotations, records = [], [], []
         for i in range(n):
-            objects = _sample_objects(rng, int(primaries[i]), max_shapes)
+            objects = _sample_objects(rng, int(primaries[i]), max_shapes, primary_size)
             captions = _captions(rng, objects, captions_per_image)
             image, geometry = render_shapes(objects, image_size)
             for obj, geo in zip(objects, geometry):
@@ -250,6 +268,11 @@ def write_shapes(out_dir: str | os.PathLike, num_images: int = 512, image_size: 
     return {**info, "root": str(root.resolve())}
 
 
+# settings recorded in dataset_info.json only when not at their default (data written before they existed
+# stays the same dataset for prepare_out_dir and writer_config)
+write_shapes.config_omits_default = ("primary_size",)
+
+
 def _readme(config: dict[str, Any], split_sizes: dict[str, int]) -> str:
     doc = __doc__.split("Layout written under ``out_dir``::", 1)[1]
     return (
@@ -259,5 +282,6 @@ def _readme(config: dict[str, Any], split_sizes: dict[str, int]) -> str:
         "Each image has 1..max_shapes shapes on black, one per cell of a 3x3 grid "
         f"({', '.join(POSITIONS)}); shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; sizes "
         "small/large. The ImageFolder class is the shape of the primary object (`objects[0]`), the unique "
-        "largest one.\n\nLayout:\n\n```\n" + textwrap.dedent(doc).strip("\n") + "\n```\n"
+        "largest one" + (" (always large here: primary_size large)" if config.get("primary_size") == "large"
+                         else "") + ".\n\nLayout:\n\n```\n" + textwrap.dedent(doc).strip("\n") + "\n```\n"
     )
