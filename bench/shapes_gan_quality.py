@@ -42,11 +42,9 @@ CRITERION = {"class_accuracy": 0.60, "confident": 0.60, "classes": 5}   # issue 
 
 def measure_seed(config: str, seed: int, out: Path, overrides: list[str], samples: int, tag: str) -> dict:
     """Train ``config`` at ``run.seed=seed`` under ``out``, then score ``samples`` G-EMA images."""
-    import torch
-
     from cmgen.engine.registry import load_config
     from cmgen.engine.trainer import run_dir_of, train
-    from cmgen.generate_cli import load_generator, sample_images
+    from cmgen.generate_cli import load_generator, sample_tensors
     from evaluation.generation_cli import shapes_root_of
     from evaluation.shapes_eval import ShapesEvaluator, evaluate_generator
     from text2image.contrad import unconditional_shapes_scores
@@ -75,9 +73,7 @@ def measure_seed(config: str, seed: int, out: Path, overrides: list[str], sample
         rec["meets"] = m["class_accuracy"] >= CRITERION["class_accuracy"]
     else:
         ev = ShapesEvaluator.load_or_train(shapes_root_of(lg.method, lg.cfg))
-        with torch.no_grad():
-            x = torch.cat([b.cpu() for b, _ in sample_images(lg, samples, seed=0, batch_size=100)])
-        rec.update(unconditional_shapes_scores(ev, x))
+        rec.update(unconditional_shapes_scores(ev, sample_tensors(lg, samples, seed=0)[0]))
         rec["meets"] = rec["confident"] >= CRITERION["confident"] and rec["classes_covered"] >= CRITERION["classes"]
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
 

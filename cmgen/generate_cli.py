@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 __all__ = ["EXPORT_META", "LoadedGenerator", "load_generator", "resolve_checkpoint", "sample_images",
-           "quiet_progress_bars", "add_arguments", "run"]
+           "sample_tensors", "quiet_progress_bars", "add_arguments", "run"]
 
 EXPORT_META = "cmgen_generator.json"
 
@@ -301,8 +301,20 @@ def sample_images(lg: LoadedGenerator, n: int, *, seed: int = 0, class_id: int |
         yield lg.to_unit(out), cb
 
 
-# --------------------------------------------------------------------------------------------- CLI
+@torch.no_grad()
+def sample_tensors(lg: LoadedGenerator, n: int, *, seed: int = 0, batch_size: int = 100
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All of :func:`sample_images`'s batches on the CPU: ``(images (n, 3, H, W) in [0, 1], labels (n,)``
+    for a class-conditional generator, else ``None)``; classes drawn uniformly from ``seed``."""
+    images, labels = [], []
+    for batch, cond in sample_images(lg, n, seed=seed, batch_size=batch_size):
+        images.append(batch.cpu())
+        if isinstance(cond, torch.Tensor):
+            labels.append(cond.cpu())
+    return torch.cat(images), (torch.cat(labels) if labels else None)
 
+
+# --------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", type=Path, help="exported generator folder, run directory or checkpoint directory")

@@ -365,7 +365,7 @@ def evaluate_generator(source: str | os.PathLike, n: int = 500, *, seed: int = 0
 
     ``data_root`` defaults to the shapes data the run trained on. For the demo report of each GAN.
     """
-    from cmgen.generate_cli import load_generator, sample_images
+    from cmgen.generate_cli import load_generator, sample_tensors
     from evaluation.generation_cli import shapes_root_of
 
     lg = load_generator(source, device=device)
@@ -374,13 +374,9 @@ def evaluate_generator(source: str | os.PathLike, n: int = 500, *, seed: int = 0
         if data_root is None:
             raise ValueError(f"{source}: pass data_root (the generator's run does not name shapes data)")
     ev = ShapesEvaluator.load_or_train(data_root, device=device)
-    images, labels = [], []
-    for batch, cond in sample_images(lg, n, seed=seed, batch_size=batch_size):
-        images.append(batch.cpu())
-        if isinstance(cond, torch.Tensor):
-            labels.append(cond.cpu())
-    y = torch.cat(labels) if labels and lg.num_classes == len(ATTRIBUTES["shape"]) else None
-    return {**ev.evaluate(torch.cat(images), labels=y), "generator": lg.source, "seed": seed}
+    images, labels = sample_tensors(lg, n, seed=seed, batch_size=batch_size)
+    y = labels if labels is not None and lg.num_classes == len(ATTRIBUTES["shape"]) else None
+    return {**ev.evaluate(images, labels=y), "generator": lg.source, "seed": seed}
 
 
 def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float) -> None:

@@ -144,11 +144,11 @@ class GANEvalSettings:
 @dataclass
 class GANConfig(ExperimentConfig):
     gan: GANSettings = field(default_factory=GANSettings)
+    eval: GANEvalSettings = field(default_factory=GANEvalSettings)
 
     # `gan.d_optim.lr=...` on a config without a d_optim section starts D's optimizer as a copy of `optim`
     # (what D uses while d_optim is None), so a TTUR override changes only what it names.
     OPTIONAL_SECTION_SEEDS: ClassVar[dict[str, str]] = {"gan.d_optim": "optim"}
-    eval: GANEvalSettings = field(default_factory=GANEvalSettings)
 
 
 @dataclass

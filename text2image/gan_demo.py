@@ -98,18 +98,6 @@ def _score(ev, images01: torch.Tensor, labels, reference: dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def _samples(lg, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from cmgen.generate_cli import sample_images
-
-    images, labels = [], []
-    for batch, cond in sample_images(lg, n, seed=seed, batch_size=100):
-        images.append(batch.cpu())
-        if isinstance(cond, torch.Tensor):
-            labels.append(cond.cpu())
-    return torch.cat(images), (torch.cat(labels) if labels else None)
-
-
-@torch.no_grad()
 def _grid(lg, path: Path, seed: int = 1) -> str:
     """One row per class (conditional) or 5 rows of samples, ``_GRID_COLS`` per row, enlarged."""
     from cmgen.demo import _image_grid
@@ -182,7 +170,7 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
     """
     from cmgen.data import ensure_dataset, write_shapes
     from cmgen.demo import plot_curves
-    from cmgen.generate_cli import load_generator
+    from cmgen.generate_cli import load_generator, sample_tensors
     from evaluation.shapes_eval import NOT_COMPARABLE, ShapesEvaluator
 
     out = Path(out)
@@ -226,7 +214,7 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
         _stage(f"GAN demo: training {name} for {steps} of {max_steps[rel]} steps")
         result, seconds = _train(_config(name, rel, overrides, out, steps, []))
         lg = load_generator(result.run_dir)
-        x, y = _samples(lg, eval_samples, seed=0)
+        x, y = sample_tensors(lg, eval_samples, seed=0)
         scores = _score(ev, x, y if conditional else None, train_attrs)
         caption = _grid(lg, out / f"gan_{name}.png")
         images.append((name, label, caption))
