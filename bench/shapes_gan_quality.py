@@ -17,7 +17,13 @@ checkpoint, ``cmgen.generate_cli``, sample seed 0) are scored by the shapes eval
   0.5, classes covered, class entropy / log 5, shapes-FD); criterion >= 60 % confident with all 5 classes.
 
 Shapes-FD is in the evaluator's feature space, not FID. Prints a markdown table (one row per seed, then
-the mean); ``--json FILE`` appends one JSON line per seed.
+the mean); ``--json FILE`` appends one JSON line per seed. ``--curve`` also scores every kept checkpoint
+(a learning curve: how many steps a config needs; pick them with ``train.checkpoint_every`` and
+``train.keep_last``) and prints a step-by-seed table; ``--plot FILE.png`` draws the curves against the
+step and the CPU minutes of this machine, with chance and the criterion.
+
+    python bench/shapes_gan_quality.py configs/contragan/shapes.yaml --seeds 0 --curve --plot curve.png \\
+        train.max_steps=8000 train.checkpoint_every=1000 train.keep_last=8
 """
 from __future__ import annotations
 
@@ -40,14 +46,38 @@ import _measure  # noqa: E402
 CRITERION = {"class_accuracy": 0.60, "confident": 0.60, "classes": 5}   # issue 7
 
 
-def measure_seed(config: str, seed: int, out: Path, overrides: list[str], samples: int, tag: str) -> dict:
-    """Train ``config`` at ``run.seed=seed`` under ``out``, then score ``samples`` G-EMA images."""
-    from cmgen.engine.registry import load_config
-    from cmgen.engine.trainer import run_dir_of, train
+def score(source, samples: int) -> dict:
+    """Score ``samples`` G-EMA images of ``source`` (run or checkpoint directory) with its kind's scorer."""
     from cmgen.generate_cli import load_generator, sample_tensors
     from evaluation.generation_cli import shapes_root_of
     from evaluation.shapes_eval import ShapesEvaluator, evaluate_generator
     from text2image.contrad import unconditional_shapes_scores
+
+    lg = load_generator(source)
+    rec: dict = {"weights": lg.source.get("weights")}
+    if lg.num_classes:
+        m = evaluate_generator(source, samples, seed=0)
+        rec.update(class_accuracy=m["class_accuracy"], shapes_fd=m["shapes_fd"])
+        rec["meets"] = m["class_accuracy"] >= CRITERION["class_accuracy"]
+    else:
+        ev = ShapesEvaluator.load_or_train(shapes_root_of(lg.method, lg.cfg))
+        rec.update(unconditional_shapes_scores(ev, sample_tensors(lg, samples, seed=0)[0]))
+        rec["meets"] = rec["confident"] >= CRITERION["confident"] and rec["classes_covered"] >= CRITERION["classes"]
+    return rec
+
+
+def _rounded(rec: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
+
+
+def measure_seed(config: str, seed: int, out: Path, overrides: list[str], samples: int, tag: str,
+                 curve: bool = False) -> dict:
+    """Train ``config`` at ``run.seed=seed`` under ``out``, then score ``samples`` G-EMA images; with
+    ``curve``, also every kept checkpoint (``record["curve"]``, oldest first; ``train.keep_last`` and
+    ``train.checkpoint_every`` decide which are kept)."""
+    from cmgen.engine.checkpoint import list_checkpoints
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import run_dir_of, train
     from text2image import gan_demo
     from text2image.contragan import build_class_image_dataset
 
@@ -63,19 +93,52 @@ def measure_seed(config: str, seed: int, out: Path, overrides: list[str], sample
     train(cfg)
     cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - w0
     run_dir = run_dir_of(cfg)
-    lg = load_generator(run_dir)
     rec = {"tag": tag, "config": config, "overrides": overrides, "seed": seed, "steps": cfg.train.max_steps,
-           "cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1), "samples": samples,
-           "weights": lg.source.get("weights")}
-    if lg.num_classes:
-        m = evaluate_generator(run_dir, samples, seed=0)
-        rec.update(class_accuracy=m["class_accuracy"], shapes_fd=m["shapes_fd"])
-        rec["meets"] = m["class_accuracy"] >= CRITERION["class_accuracy"]
-    else:
-        ev = ShapesEvaluator.load_or_train(shapes_root_of(lg.method, lg.cfg))
-        rec.update(unconditional_shapes_scores(ev, sample_tensors(lg, samples, seed=0)[0]))
-        rec["meets"] = rec["confident"] >= CRITERION["confident"] and rec["classes_covered"] >= CRITERION["classes"]
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
+           "cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1), "samples": samples, **score(run_dir, samples)}
+    if curve:
+        rec["curve"] = [_rounded({"step": step, **score(path, samples)})
+                        for step, path in list_checkpoints(run_dir / "checkpoints")]
+    return _rounded(rec)
+
+
+def plot_curves(records: list[dict], path: Path, title: str) -> None:
+    """The curve of each seed (metric against step, and CPU-s on a second axis), chance and criterion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "class_accuracy" if "class_accuracy" in records[0] else "confident"
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in records:
+        pts = r.get("curve") or [{"step": r["steps"], key: r[key]}]
+        ax.plot([p["step"] for p in pts], [p[key] for p in pts], marker="o", label=f"seed {r['seed']}")
+    ax.axhline(CRITERION[key], color="tab:green", ls="--", lw=1, label=f"target {CRITERION[key]:.0%}")
+    if key == "class_accuracy":
+        ax.axhline(0.2, color="grey", ls=":", lw=1, label="chance 20%")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("class accuracy of EMA samples" if key == "class_accuracy" else "confident share of EMA samples")
+    ax.set_ylim(0, 1)
+    sec_per_step = statistics.fmean(r["cpu_s"] / r["steps"] for r in records)
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * sec_per_step / 60, lambda m: m * 60 / sec_per_step))
+    top.set_xlabel(f"CPU minutes at {sec_per_step:.2f} CPU-s/step (this machine)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curve_table(records: list[dict]) -> str:
+    """One row per kept checkpoint step, one metric column per seed."""
+    key = "class_accuracy" if "class_accuracy" in records[0] else "confident"
+    steps = sorted({p["step"] for r in records for p in r.get("curve", [])})
+    per = {r["seed"]: {p["step"]: p for p in r.get("curve", [])} for r in records}
+    fmt = (lambda v: f"{v:.2f}") if key == "class_accuracy" else (lambda v: f"{v:.0%}")
+    rows = [[s, *(fmt(per[r["seed"]][s][key]) if s in per[r["seed"]] else "" for r in records)] for s in steps]
+    return _measure.markdown_table(["step", *(f"seed {r['seed']}" for r in records)], rows,
+                                   align="l" + "r" * len(records))
 
 
 def table(records: list[dict]) -> str:
@@ -105,6 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="runs and data go here (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="append one JSON line per seed to this file")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--curve", action="store_true",
+                   help="also score every kept checkpoint (set train.checkpoint_every / train.keep_last)")
+    p.add_argument("--plot", type=Path, default=None, help="write the curves (or final scores) as a PNG here")
     args = p.parse_intermixed_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
@@ -116,7 +182,7 @@ def main(argv=None) -> int:
     try:
         records = []
         for seed in args.seeds:
-            records.append(measure_seed(args.config, seed, out, args.overrides, args.samples, tag))
+            records.append(measure_seed(args.config, seed, out, args.overrides, args.samples, tag, args.curve))
             print(json.dumps(records[-1]), flush=True)
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +193,11 @@ def main(argv=None) -> int:
             tmp.cleanup()
     print(f"\n{tag}: {args.config} {' '.join(args.overrides)} ({args.samples} G-EMA samples, "
           f"{args.threads} thread(s))\n\n{table(records)}")
+    if args.curve:
+        print(f"\nper kept checkpoint (G-EMA):\n\n{curve_table(records)}")
+    if args.plot:
+        plot_curves(records, args.plot, f"{tag}: {Path(args.config).name} {' '.join(args.overrides)}"[:110])
+        print(f"\nplot: {args.plot}")
     return 0
 
 

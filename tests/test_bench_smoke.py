@@ -246,3 +246,15 @@ def test_shapes_gan_quality_bench_smoke(tmp_path, monkeypatch, capsys):
     # 40 images under the GAN demo's folder for their settings, not the default shapes_32px of another size
     assert (tmp_path / "o" / "data" / "shapes_32px_n40_s0").is_dir()
     assert not (tmp_path / "o" / "data" / "shapes_32px").exists()
+    # --curve scores every kept checkpoint (steps 2 and 4), --plot draws them
+    png = tmp_path / "curve.png"
+    code = bench.main([str(BENCH.parent / "configs/contragan/shapes.yaml"), "--seeds", "3", "--samples", "8",
+                       "--out", str(tmp_path / "o"), "--json", str(jsonl), "--tag", "curve", "--curve", "--plot",
+                       str(png), *tiny, "train.checkpoint_every=2", "train.keep_last=3"])
+    assert code == 0
+    rec = json.loads(jsonl.read_text().splitlines()[-1])
+    assert [p["step"] for p in rec["curve"]] == [2, 4]
+    assert all(0 <= p["class_accuracy"] <= 1 and p["weights"] == "ema" for p in rec["curve"])
+    assert rec["curve"][-1]["class_accuracy"] == rec["class_accuracy"]      # the last checkpoint is the final G
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "| step | seed 3 |" in capsys.readouterr().out
