@@ -12,7 +12,10 @@ cover ``cmgen.engine.trainer.train`` only. Then ``--samples`` images of the G-EM
 checkpoint, ``cmgen.generate_cli``, sample seed 0) are scored by the shapes evaluator of the run's data:
 
 - class-conditional G: ``evaluation.shapes_eval.evaluate_generator`` (class accuracy against the drawn
-  classes, uniform; shapes-FD), as the GAN demo scores; criterion class accuracy >= 0.60;
+  classes, uniform; shapes-FD), as the GAN demo scores; criterion class accuracy >= 0.60. Also how the
+  run's own D reads classes with its conditional head (``Discriminator.classify``, nearest 2C proxy or
+  largest projection): ``d_real_acc`` on the real val images, ``d_fake_acc`` on the fakes against their
+  labels (a D head near chance on reals gives G no class signal);
 - unconditional G: ``text2image.contrad.unconditional_shapes_scores`` (confident share at max prob >=
   0.5, classes covered, class entropy / log 5, shapes-FD); criterion >= 60 % confident with all 5 classes.
 
@@ -59,11 +62,33 @@ def score(source, samples: int) -> dict:
         m = evaluate_generator(source, samples, seed=0)
         rec.update(class_accuracy=m["class_accuracy"], shapes_fd=m["shapes_fd"])
         rec["meets"] = m["class_accuracy"] >= CRITERION["class_accuracy"]
+        rec.update(d_head_accuracy(lg, source, samples))
     else:
         ev = ShapesEvaluator.load_or_train(shapes_root_of(lg.method, lg.cfg))
         rec.update(unconditional_shapes_scores(ev, sample_tensors(lg, samples, seed=0)[0]))
         rec["meets"] = rec["confident"] >= CRITERION["confident"] and rec["classes_covered"] >= CRITERION["classes"]
     return rec
+
+
+def d_head_accuracy(lg, source, samples: int) -> dict:
+    """How well the run's D reads classes with its own conditional head (``Discriminator.classify``): on the
+    real val images of its data (``d_real_acc``) and on ``samples`` fakes G(z, y) against y (``d_fake_acc``).
+    Empty for a D without one."""
+    from cmgen.engine.checkpoint import load_model_state
+    from cmgen.generate_cli import resolve_checkpoint, sample_tensors
+    from evaluation.generation_cli import shapes_root_of
+    from evaluation.shapes_eval import load_split
+
+    d = lg.method.build_models(lg.cfg).get("d")
+    if not hasattr(d, "classify") or getattr(d, "cond_mtd", "W/O") == "W/O":
+        return {}
+    d.load_state_dict(load_model_state(resolve_checkpoint(source), "d"))
+    d.eval()
+    lo, hi = lg.output_range
+    images, targets, _ = load_split(Path(shapes_root_of(lg.method, lg.cfg)), "val", lg.cfg.model.image_size)
+    fakes, labels = sample_tensors(lg, samples, seed=0)
+    acc = lambda x, y: float((d.classify(lo + (hi - lo) * x) == y).float().mean())   # noqa: E731
+    return {"d_real_acc": acc(images, targets["shape"]), "d_fake_acc": acc(fakes, labels)}
 
 
 def _rounded(rec: dict) -> dict:

@@ -138,7 +138,7 @@ def load_discriminator(source: str, *, data_root: str | None = None, random_init
     from cmgen.engine.registry import load_config, resolve_method
     from cmgen.generate_cli import resolve_checkpoint
     from evaluation.generation_cli import shapes_root_of
-    from evaluation.shapes_eval import _load_split
+    from evaluation.shapes_eval import load_split
 
     ckpt = resolve_checkpoint(source)
     cfg = load_config(ckpt / "config.yaml")
@@ -172,7 +172,7 @@ def load_discriminator(source: str, *, data_root: str | None = None, random_init
 
     splits = {}
     for name, split in (("train", "train"), ("test", "val")):
-        images, targets, _ = _load_split(root, split, image_size)
+        images, targets, _ = load_split(root, split, image_size)
         splits[name] = (images, targets["shape"])
     settings = {"gan_checkpoint": str(ckpt.resolve()), "method": cfg.method, "random_init": random_init,
                 "data_root": str(root.resolve()), "splits": {"train": "train", "test": "val"}, "label": "shape"}

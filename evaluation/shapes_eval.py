@@ -42,7 +42,7 @@ from torch import nn
 from evaluation.generation import feature_statistics, frechet_distance
 
 __all__ = ["ATTRIBUTES", "NOT_COMPARABLE", "ShapesClassifier", "ShapesEvaluator", "primary_attributes",
-           "evaluate_generator", "demo_stage"]
+           "evaluate_generator", "demo_stage", "load_split"]
 
 NOT_COMPARABLE = ("shapes-classifier features (cmgen ShapesEvaluator), not Inception-v3: "
                   "not comparable with published FID")
@@ -97,7 +97,7 @@ class ShapesClassifier(nn.Module):
         return h, {name: head(h) for name, head in self.heads.items()}
 
 
-def _load_split(root: Path, split: str, image_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
+def load_split(root: Path, split: str, image_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
     """All images of a shapes split as (N, 3, S, S) in [0, 1], primary attributes, and file names."""
     from text2image.data import ShapesAttributes, load_image
 
@@ -251,8 +251,8 @@ class ShapesEvaluator:
             write_shapes(train_root, num_images=recipe["train_images"], image_size=image_size, seed=_TRAIN_SEED,
                          max_shapes=max_shapes, val_fraction=0.125, captions_per_image=1, overwrite=True,
                          progress=progress)
-        x_tr, y_tr, _ = _load_split(train_root, "train", image_size)
-        x_va, y_va, _ = _load_split(train_root, "val", image_size)
+        x_tr, y_tr, _ = load_split(train_root, "train", image_size)
+        x_va, y_va, _ = load_split(train_root, "val", image_size)
         model = train_classifier(x_tr, y_tr, image_size, epochs=recipe["epochs"])
         feats, logits = _predict(model, x_va)
         val_acc = {name: float((logits[name].argmax(1) == y_va[name]).float().mean()) for name in ATTRIBUTES}
@@ -274,7 +274,7 @@ class ShapesEvaluator:
                 self.info["reference_images"] = int(f["n"])
                 self.info.setdefault("real_val_fd", float(f["real_val_fd"]))
                 return f["mu"], f["sigma"], key
-        images, _, _ = _load_split(root, "train", self.image_size)
+        images, _, _ = load_split(root, "train", self.image_size)
         feats, _ = _predict(self.model, images)
         mu, sigma = feature_statistics(feats.numpy())
         val = np.asarray(self.info["val_features"], dtype=np.float64)
@@ -388,7 +388,7 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float) -> 
                                                                    progress=False))
     t0 = time.perf_counter()
     ev = ShapesEvaluator.load_or_train(root, 32)
-    images, targets, _ = _load_split(root, "val", 32)
+    images, targets, _ = load_split(root, "val", 32)
     m = ev.evaluate(images, labels=targets["shape"],
                     captions_attrs=[{k: int(targets[k][i]) for k in ATTRIBUTES} for i in range(len(images))])
     report += ["## Shapes evaluator", "", f"{NOT_COMPARABLE}.", "",

@@ -256,5 +256,6 @@ def test_shapes_gan_quality_bench_smoke(tmp_path, monkeypatch, capsys):
     assert [p["step"] for p in rec["curve"]] == [2, 4]
     assert all(0 <= p["class_accuracy"] <= 1 and p["weights"] == "ema" for p in rec["curve"])
     assert rec["curve"][-1]["class_accuracy"] == rec["class_accuracy"]      # the last checkpoint is the final G
+    assert 0 <= rec["d_real_acc"] <= 1 and 0 <= rec["d_fake_acc"] <= 1     # the 2C head read as a classifier
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "| step | seed 3 |" in capsys.readouterr().out

@@ -324,6 +324,29 @@ def test_features_are_relu_sum_of_last_map():
     torch.testing.assert_close(out.logits, d.linear1(out.features).squeeze(1))
 
 
+@pytest.mark.parametrize("mtd", ["2C", "PD"])
+def test_classify_reads_the_conditional_head(mtd):
+    """classify = argmax over classes, per image, of a loop over labels: the 2C cosine of the embedding to
+    each label's proxy (from forward(x, c)), or the PD logit's class term (forward(x, c) minus linear1)."""
+    torch.manual_seed(0)
+    d = Discriminator(num_classes=C, channels=4, embed_dim=E, image_size=S, attention_at=16, cond_mtd=mtd).eval()
+    x = torch.randn(6, 3, S, S, dtype=torch.float32)
+    pred = d.classify(x)
+    with torch.no_grad():
+        scores = torch.zeros(6, C, dtype=torch.float64)
+        for c in range(C):
+            out = d(x, torch.full((6,), c, dtype=torch.long))
+            if mtd == "2C":
+                e, p = out.embeddings.double(), out.proxies.double()
+                scores[:, c] = (e * p).sum(1) / (e.norm(dim=1) * p.norm(dim=1))
+            else:
+                scores[:, c] = (out.logits - d.linear1(out.features).squeeze(1)).double()
+    assert pred.tolist() == scores.argmax(1).tolist()
+    assert pred.dtype == torch.long and pred.shape == (6,)
+    with pytest.raises(ValueError, match="no class head"):
+        Discriminator(num_classes=C, channels=4, embed_dim=E, image_size=S, cond_mtd="W/O").classify(x)
+
+
 def test_sample_latents_draws_every_class_and_grid_is_class_major(tmp_path):
     method = _method(tmp_path)
     method.build_models(method.cfg)

@@ -9,7 +9,7 @@ import torch
 
 from cmgen.data import write_shapes
 from evaluation.generation import feature_statistics, frechet_distance
-from evaluation.shapes_eval import ATTRIBUTES, NOT_COMPARABLE, ShapesEvaluator, _load_split
+from evaluation.shapes_eval import ATTRIBUTES, NOT_COMPARABLE, ShapesEvaluator, load_split
 
 RECIPE = {"train_images": 800, "epochs": 4}
 
@@ -37,7 +37,7 @@ def test_cached_and_not_retrained(shapes_root, evaluator):
 
 
 def test_real_images_beat_noise_and_output_is_labelled(shapes_root, evaluator):
-    x, y, _ = _load_split(shapes_root, "val", 32)
+    x, y, _ = load_split(shapes_root, "val", 32)
     attrs = [{k: int(y[k][i]) for k in ATTRIBUTES} for i in range(len(x))]
     real = evaluator.evaluate(x, labels=y["shape"], captions_attrs=attrs)
     g = torch.Generator().manual_seed(0)
@@ -55,7 +55,7 @@ def test_real_images_beat_noise_and_output_is_labelled(shapes_root, evaluator):
 
 def test_matches_a_direct_computation(shapes_root, evaluator):
     """Accuracy by a per-image loop over names, FD from the features by hand."""
-    x, y, _ = _load_split(shapes_root, "val", 32)
+    x, y, _ = load_split(shapes_root, "val", 32)
     feats, logits = evaluator.features(x)
     names = [{"colour": ATTRIBUTES["colour"][int(y["colour"][i])]} if i % 2 else {} for i in range(len(x))]
     out = evaluator.evaluate(x, captions_attrs=names)

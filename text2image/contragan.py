@@ -302,6 +302,24 @@ class Discriminator(nn.Module):
             return DOutput(logits + (proj * h).sum(1), h, proj, h)
         return DOutput(logits, h, h, h)
 
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """D's own reading of the class of each image (B,): the label its conditional head prefers.
+
+        2C: the nearest proxy by cosine similarity of ``embeddings`` to every class's ``embedding(c)`` (what
+        the 2C loss pulls a real image's embedding towards); PD: the class whose projection ``<embedding(c),
+        h>`` is largest (the only class-dependent term of the logit). A diagnostic: a D whose head reads real
+        images near chance gives G no class signal, and its accuracy on G(z, y) against y says whether G
+        satisfies D's class head. Uses the module's current mode (call ``eval()`` for stored SN vectors).
+        """
+        if self.cond_mtd == "W/O":
+            raise ValueError("an unconditional D (cond_mtd 'W/O') has no class head")
+        out = self(images, torch.zeros(images.shape[0], dtype=torch.long, device=images.device))
+        table = self.embedding(torch.arange(self.num_classes, device=images.device))   # (K, E) or (K, C)
+        if self.cond_mtd == "2C":
+            return (F.normalize(out.embeddings, dim=1) @ F.normalize(table, dim=1).T).argmax(1)
+        return (out.features @ table.T).argmax(1)
+
 
 def temperature_at(step: int, start: float, end: float, schedule: str, tempering_step: int, total: int) -> float:
     """The 2C temperature at ``step`` (paper-era StudioGAN ``trainer.py``, see the module docstring)."""

@@ -100,13 +100,13 @@ def score_generator(run_dir: str | Path, evaluator, data_root: str | Path, *, sp
     """Attribute accuracy of a run's G-EMA (live G with ``use_ema=False``) on every caption of ``split``,
     plus the real-image ceiling."""
     from cmgen.generate_cli import load_generator
-    from evaluation.shapes_eval import ATTRIBUTES, _load_split
+    from evaluation.shapes_eval import ATTRIBUTES, load_split
 
     lg = load_generator(run_dir, use_ema=use_ema)
     captions, targets, _ = caption_targets(data_root, split)
     images = generate_for_captions(lg, captions, seed=seed)
     result = attribute_accuracy(evaluator, images, targets, seed=seed)
-    real, real_targets, _ = _load_split(Path(data_root), split, evaluator.image_size)
+    real, real_targets, _ = load_split(Path(data_root), split, evaluator.image_size)
     _, logits = evaluator.features(real)
     result["real"] = {k: float((logits[k].argmax(1) == real_targets[k]).float().mean()) for k in ATTRIBUTES}
     result["num_captions"] = len(captions)
