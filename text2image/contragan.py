@@ -367,7 +367,8 @@ class ClassImageDataConfig:
     """Class-conditional training images.
 
     ``kind``: ``"shapes"`` (the embedded data, class = primary shape; written with
-    ``cmgen.data.write_shapes(root, num_images, image_size, seed)`` if missing, ``root`` None =
+    ``cmgen.data.write_shapes(root, num_images, image_size, seed)`` if ``root/dataset_info.json`` is missing,
+    under a lock, so two runs starting at once share one copy; ``root`` None =
     ``<run.output_dir>/data/shapes_<image_size>px``), ``"cifar10"`` / ``"cifar100"`` (the python pickle
     folder under ``root``, :class:`text2image.cifar.CIFAR`) or ``"imagefolder"`` (``root`` = a class-per-
     folder tree such as Tiny ImageNet's or ImageNet's train split, resized to the model's image size).
@@ -424,7 +425,7 @@ def build_class_image_dataset(cfg, image_size: int, value_range: Sequence[float]
         from cmgen.data import ensure_dataset, write_shapes
         from text2image.data import ShapesAttributes, class_conditional_imagefolder
         root = _shapes_root(cfg, image_size)
-        ensure_dataset(root, ".", lambda: write_shapes(root, num_images=d.num_images, image_size=image_size,
+        ensure_dataset(root, "dataset_info.json", lambda: write_shapes(root, num_images=d.num_images, image_size=image_size,
                                                        seed=d.seed, max_shapes=d.max_shapes,
                                                        primary_size=d.primary_size, progress=False))
         classes = ShapesAttributes(root, "train").classes

@@ -115,16 +115,48 @@ def write_text(path: Path, text: str) -> None:
 def ensure_dataset(root: str | os.PathLike, marker: str, write: Callable[[], Any]) -> Path:
     """Call ``write()`` on rank 0 when ``root / marker`` does not exist, then let every process wait for it.
 
-    Methods use it to write their embedded dataset on first use; ``marker`` is the file (or ``"."`` for
-    the root itself) whose presence means the data is there. Returns ``root`` as a Path.
+    Methods use it to write their embedded dataset on first use; ``marker`` is the file whose presence means
+    the data is complete (``dataset_info.json``, which the writers write last; ``"."``, the root itself, only
+    for data written in one step). Two independent runs that need the same data at once (two configs
+    launched together into one ``runs/`` folder) do not race: the check and the write hold an exclusive
+    lock on ``.<root name>.lock`` beside ``root``, so the second waits for the first's data and writes
+    nothing. Returns ``root`` as a Path.
     """
     from cmgen.distributed import barrier, rank  # torch: only for the methods, not for `cmgen data`
 
     root = Path(root)
     if rank() == 0 and not (root / marker).exists():
-        write()
+        with _exclusive_lock(root.parent / f".{root.name}.lock"):
+            if not (root / marker).exists():      # not written by another process while this one waited
+                write()
     barrier()
     return root
+
+
+class _exclusive_lock:
+    """``fcntl.flock(LOCK_EX)`` on ``path`` (created, parents too) for the ``with`` block; no lock where
+    ``fcntl`` does not exist (Windows)."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def __enter__(self) -> "_exclusive_lock":
+        try:
+            import fcntl
+        except ImportError:           # pragma: no cover - not POSIX
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 # ----------------------------------------------------------------------------------------------------
