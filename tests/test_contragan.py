@@ -583,15 +583,15 @@ def test_shapes_max_shapes_option_writes_that_data(tmp_path):
     cfg.data.num_images = 40
     cfg.data.max_shapes = 1
     ds, classes = build_class_image_dataset(cfg, 32, (-1.0, 1.0))
-    root = tmp_path / "data" / "shapes_32px_m1"
+    root = tmp_path / "data" / "shapes_32px_n40_s0_m1"
     assert len(ds) == 35 and len(classes) == 5
     info = json.loads((root / "dataset_info.json").read_text())
     assert info["config"]["max_shapes"] == 1
     records = json.loads((root / "annotations" / "attributes_train.json").read_text())["images"]
     assert all(len(r["objects"]) == 1 for r in records)
-    cfg.data.max_shapes = 2                                  # the default data keeps its old root
+    cfg.data.max_shapes = 2                                  # the default variant: no suffix
     build_class_image_dataset(cfg, 32, (-1.0, 1.0))
-    info2 = json.loads((tmp_path / "data" / "shapes_32px" / "dataset_info.json").read_text())
+    info2 = json.loads((tmp_path / "data" / "shapes_32px_n40_s0" / "dataset_info.json").read_text())
     assert info2["config"]["max_shapes"] == 2
 
 
@@ -608,7 +608,7 @@ def test_shapes_primary_size_option_writes_that_data(tmp_path):
     cfg.data.primary_size = "large"
     assert shapes_variant_suffix(cfg.data) == "_large"
     build_class_image_dataset(cfg, 32, (-1.0, 1.0))
-    root = tmp_path / "data" / "shapes_32px_large"          # never the default data's root
+    root = tmp_path / "data" / "shapes_32px_n40_s0_large"   # never the default data's root
     assert json.loads((root / "dataset_info.json").read_text())["config"]["primary_size"] == "large"
     records = json.loads((root / "annotations" / "attributes_train.json").read_text())["images"]
     assert all(r["objects"][0]["size"] == "large" for r in records)
@@ -617,9 +617,40 @@ def test_shapes_primary_size_option_writes_that_data(tmp_path):
     assert shapes_variant_suffix(cfg.data) == "_m1_large"
     cfg.data.primary_size = "mixed"
     build_class_image_dataset(cfg, 32, (-1.0, 1.0))             # the default keeps its root, no key
-    info = json.loads((tmp_path / "data" / "shapes_32px_m1" / "dataset_info.json").read_text())
+    info = json.loads((tmp_path / "data" / "shapes_32px_n40_s0_m1" / "dataset_info.json").read_text())
     assert "primary_size" not in info["config"]
     path = Path(__file__).resolve().parents[1] / "configs" / "contragan" / "shapes.yaml"
     assert load_config(path, ["data.primary_size=large"]).data.primary_size == "large"
     with pytest.raises(ConfigError, match="primary_size"):
         load_config(path, ["data.primary_size=huge"])
+
+
+def test_shapes_default_root_is_per_setting_and_a_mismatch_is_named(tmp_path, capsys):
+    """Two configs with other data settings in one runs/ folder never share data (ContraGAN's 256 images
+    and ContraD's 512 once shared runs/data/shapes_32px, whoever came first); data written with other
+    settings at the default root raise, naming the keys; at a user data.root they are used, with a note."""
+    import shutil
+    from cmgen.errors import DataError
+    from text2image.contragan import build_class_image_dataset, shapes_dir_name
+
+    cfg = ContraGANConfig()
+    cfg.run.output_dir = str(tmp_path)
+    cfg.data.num_images = 40
+    assert shapes_dir_name(cfg.data, 32) == "shapes_32px_n40_s0"
+    cfg.data.num_images, cfg.data.seed = 512, 0
+    assert shapes_dir_name(cfg.data, 32) == "shapes_32px" and shapes_dir_name(cfg.data, 64) == "shapes_64px"
+    cfg.data.seed = 3
+    assert shapes_dir_name(cfg.data, 32) == "shapes_32px_n512_s3"
+    cfg.data.num_images, cfg.data.seed = 40, 0
+    ds40, _ = build_class_image_dataset(cfg, 32, (-1.0, 1.0))
+    cfg.data.num_images = 48
+    ds48, _ = build_class_image_dataset(cfg, 32, (-1.0, 1.0))
+    assert (len(ds40), len(ds48)) == (35, 42)                      # each config got its own images
+    # an older cmgen's folder for other settings at this config's default root: refused, keys named
+    shutil.rmtree(tmp_path / "data" / "shapes_32px_n48_s0")
+    shutil.copytree(tmp_path / "data" / "shapes_32px_n40_s0", tmp_path / "data" / "shapes_32px_n48_s0")
+    with pytest.raises(DataError, match=r"shapes_32px_n48_s0 .*data.num_images: data has 40, config asks 48"):
+        build_class_image_dataset(cfg, 32, (-1.0, 1.0))
+    cfg.data.root = str(tmp_path / "data" / "shapes_32px_n40_s0")  # a user root: used as it is, noted
+    ds, _ = build_class_image_dataset(cfg, 32, (-1.0, 1.0))
+    assert len(ds) == 35 and "data.num_images: data has 40, config asks 48" in capsys.readouterr().err

@@ -65,6 +65,7 @@ Faithfulness details, each behind an option where the paper and the code differ:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import sys
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional, Sequence
 
@@ -82,7 +83,8 @@ from text2image.layers import DBlock, GBlock, SelfAttention, init_weights, sn_em
 
 __all__ = ["G_LAYOUT", "D_LAYOUT", "ContraGANModelConfig", "ClassImageDataConfig", "ShapesClassDataConfig",
            "ContraGANConfig", "DOutput", "Generator", "Discriminator", "ContraGANMethod", "draw_latents",
-           "build_class_image_dataset", "shapes_variant_suffix", "temperature_at", "refresh_spectral_norm"]
+           "build_class_image_dataset", "shapes_variant_suffix", "shapes_dir_name", "temperature_at",
+           "refresh_spectral_norm"]
 
 # StudioGAN src/models/big_resnet.py (947b35e): per block, multipliers of g_conv_dim / d_conv_dim.
 # D's first block reads RGB ("in" None = 3 channels).
@@ -369,14 +371,15 @@ class ClassImageDataConfig:
     ``kind``: ``"shapes"`` (the embedded data, class = primary shape; written with
     ``cmgen.data.write_shapes(root, num_images, image_size, seed)`` if ``root/dataset_info.json`` is missing,
     under a lock, so two runs starting at once share one copy; ``root`` None =
-    ``<run.output_dir>/data/shapes_<image_size>px``), ``"cifar10"`` / ``"cifar100"`` (the python pickle
+    ``<run.output_dir>/data/`` + :func:`shapes_dir_name`, a folder per data setting), ``"cifar10"`` / ``"cifar100"`` (the python pickle
     folder under ``root``, :class:`text2image.cifar.CIFAR`) or ``"imagefolder"`` (``root`` = a class-per-
     folder tree such as Tiny ImageNet's or ImageNet's train split, resized to the model's image size).
     ``hflip``: random horizontal flip (StudioGAN ``apply_rflip``). ``max_shapes`` (shapes only): each
     image has 1..max_shapes objects (``write_shapes``; 2 = the default data, 1 = the class object alone,
     small or large at random); ``primary_size`` (shapes only): ``"mixed"`` (the default data) or
     ``"large"`` (``write_shapes(primary_size="large")``: the class object is always large). The default
-    root is ``shapes_<image_size>px`` plus :func:`shapes_variant_suffix` (``_m1``, ``_large``, ...).
+    root is :func:`shapes_dir_name` (``shapes_<image_size>px`` for 512 images of data seed 0, else with
+    ``_n<num_images>_s<seed>`` and :func:`shapes_variant_suffix`: ``_m1``, ``_large``, ...).
     """
 
     kind: Literal["shapes", "cifar10", "cifar100", "imagefolder"] = "shapes"
@@ -410,11 +413,43 @@ def shapes_variant_suffix(d: ClassImageDataConfig) -> str:
             + ("" if d.primary_size == "mixed" else f"_{d.primary_size}"))
 
 
+def shapes_dir_name(d: ClassImageDataConfig, image_size: int) -> str:
+    """The default folder name of the shapes data ``d`` asks for: ``shapes_<S>px`` for the default data
+    (512 images, data seed 0, default variant), else ``shapes_<S>px_n<num_images>_s<seed>`` plus
+    :func:`shapes_variant_suffix`; so two configs with other data settings never share a folder."""
+    if (d.num_images, d.seed, shapes_variant_suffix(d)) == (512, 0, ""):
+        return f"shapes_{image_size}px"
+    return f"shapes_{image_size}px_n{d.num_images}_s{d.seed}{shapes_variant_suffix(d)}"
+
+
 def _shapes_root(cfg, image_size: int) -> Path:
     d = cfg.data
     if d.root:
         return Path(d.root)
-    return Path(cfg.run.output_dir) / "data" / f"shapes_{image_size}px{shapes_variant_suffix(d)}"
+    return Path(cfg.run.output_dir) / "data" / shapes_dir_name(d, image_size)
+
+
+def _check_shapes_settings(root: Path, settings: dict, default_root: bool) -> None:
+    """The data at ``root`` against the writer settings the config asks for: at the default root another
+    setting raises (that folder is named for these settings: data of an older cmgen that named it by
+    size only); at a user-given ``data.root`` the data are used as they are, with a note naming the keys."""
+    from cmgen.data import writer_config
+    from cmgen.data.common import read_info
+    from cmgen.errors import DataError
+
+    info = read_info(root)
+    if info is None:
+        return
+    want = writer_config("shapes", settings)
+    diff = {k: (info["config"].get(k, want[k]), want[k]) for k in want if info["config"].get(k, want[k]) != want[k]}
+    if not diff:
+        return
+    listing = ", ".join(f"data.{k}: data has {a!r}, config asks {b!r}" for k, (a, b) in sorted(diff.items()))
+    if default_root:
+        raise DataError(f"{root} holds shapes data written with other settings ({listing}); remove that folder "
+                        f"(it is rewritten in seconds) or set data.root")
+    print(f"cmgen: note: data.root={root} was written with other settings than the config's ({listing}); "
+          f"using it as it is", file=sys.stderr)
 
 
 def build_class_image_dataset(cfg, image_size: int, value_range: Sequence[float]):
@@ -425,9 +460,10 @@ def build_class_image_dataset(cfg, image_size: int, value_range: Sequence[float]
         from cmgen.data import ensure_dataset, write_shapes
         from text2image.data import ShapesAttributes, class_conditional_imagefolder
         root = _shapes_root(cfg, image_size)
-        ensure_dataset(root, "dataset_info.json", lambda: write_shapes(root, num_images=d.num_images, image_size=image_size,
-                                                       seed=d.seed, max_shapes=d.max_shapes,
-                                                       primary_size=d.primary_size, progress=False))
+        settings = dict(num_images=d.num_images, image_size=image_size, seed=d.seed, max_shapes=d.max_shapes,
+                        primary_size=d.primary_size)
+        ensure_dataset(root, "dataset_info.json", lambda: write_shapes(root, **settings, progress=False))
+        _check_shapes_settings(root, settings, default_root=not d.root)
         classes = ShapesAttributes(root, "train").classes
         return class_conditional_imagefolder(root / "imagefolder" / "train", image_size, flip, value_range,
                                              classes), classes

@@ -116,13 +116,11 @@ def _grid(lg, path: Path, seed: int = 1) -> str:
 
 
 def _data_root(out: Path, cfg) -> Path:
-    """Where a run's shapes data goes; the evaluator's own root when the settings are the same."""
-    from text2image.contragan import shapes_variant_suffix
+    """Where a run's shapes data goes: the method's own folder name for its settings under ``out/data``
+    (the evaluator's root, shapes_32px, for the default data)."""
+    from text2image.contragan import shapes_dir_name
 
-    d = cfg.data
-    if (cfg.model.image_size, d.num_images, d.seed, shapes_variant_suffix(d)) == (32, 512, 0, ""):
-        return out / "data" / "shapes_32px"
-    return out / "data" / f"shapes_{cfg.model.image_size}px_n{d.num_images}_s{d.seed}{shapes_variant_suffix(d)}"
+    return out / "data" / shapes_dir_name(cfg.data, cfg.model.image_size)
 
 
 def _config(name: str, rel: str, overrides: list[str], out: Path, steps: int, extra: list[str]):
