@@ -59,7 +59,7 @@ def score(source, samples: int) -> dict:
     lg = load_generator(source)
     rec: dict = {"weights": lg.source.get("weights")}
     if lg.num_classes:
-        m = evaluate_generator(source, samples, seed=0)
+        m = evaluate_generator(lg, samples, seed=0)
         rec.update(class_accuracy=m["class_accuracy"], shapes_fd=m["shapes_fd"])
         rec["meets"] = m["class_accuracy"] >= CRITERION["class_accuracy"]
         rec.update(d_head_accuracy(lg, source, samples))

@@ -358,17 +358,18 @@ class ShapesEvaluator:
         return out
 
 
-def evaluate_generator(source: str | os.PathLike, n: int = 500, *, seed: int = 0, data_root: str | None = None,
+def evaluate_generator(source, n: int = 500, *, seed: int = 0, data_root: str | None = None,
                        device: torch.device | str = "cpu", batch_size: int = 100) -> dict[str, Any]:
-    """Shapes-evaluator scores of a trained generator (run dir, checkpoint or exported folder): n images
-    of the G-EMA from ``seed``, classes drawn uniformly, scored against the classes they were drawn for.
+    """Shapes-evaluator scores of a trained generator (run dir, checkpoint or exported folder, or one already
+    loaded by :func:`cmgen.generate_cli.load_generator`): n images of the G-EMA from ``seed``, classes
+    drawn uniformly, scored against the classes they were drawn for.
 
     ``data_root`` defaults to the shapes data the run trained on. For the demo report of each GAN.
     """
-    from cmgen.generate_cli import load_generator, sample_tensors
+    from cmgen.generate_cli import LoadedGenerator, load_generator, sample_tensors
     from evaluation.generation_cli import shapes_root_of
 
-    lg = load_generator(source, device=device)
+    lg = source if isinstance(source, LoadedGenerator) else load_generator(source, device=device)
     if data_root is None:
         data_root = shapes_root_of(lg.method, lg.cfg) if lg.method is not None else None
         if data_root is None:

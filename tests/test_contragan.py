@@ -649,8 +649,8 @@ def test_shapes_default_root_is_per_setting_and_a_mismatch_is_named(tmp_path, ca
     # an older cmgen's folder for other settings at this config's default root: refused, keys named
     shutil.rmtree(tmp_path / "data" / "shapes_32px_n48_s0")
     shutil.copytree(tmp_path / "data" / "shapes_32px_n40_s0", tmp_path / "data" / "shapes_32px_n48_s0")
-    with pytest.raises(DataError, match=r"shapes_32px_n48_s0 .*data.num_images: data has 40, config asks 48"):
+    with pytest.raises(DataError, match=r"shapes_32px_n48_s0 .*num_images: 40 there, 48 asked"):
         build_class_image_dataset(cfg, 32, (-1.0, 1.0))
     cfg.data.root = str(tmp_path / "data" / "shapes_32px_n40_s0")  # a user root: used as it is, noted
     ds, _ = build_class_image_dataset(cfg, 32, (-1.0, 1.0))
-    assert len(ds) == 35 and "data.num_images: data has 40, config asks 48" in capsys.readouterr().err
+    assert len(ds) == 35 and "num_images: 40 there, 48 asked" in capsys.readouterr().err

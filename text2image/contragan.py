@@ -64,8 +64,8 @@ Faithfulness details, each behind an option where the paper and the code differ:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional, Sequence
 
@@ -434,17 +434,14 @@ def _check_shapes_settings(root: Path, settings: dict, default_root: bool) -> No
     setting raises (that folder is named for these settings: data of an older cmgen that named it by
     size only); at a user-given ``data.root`` the data are used as they are, with a note naming the keys."""
     from cmgen.data import writer_config
-    from cmgen.data.common import read_info
+    from cmgen.data.common import config_differences, read_info
     from cmgen.errors import DataError
 
     info = read_info(root)
-    if info is None:
-        return
     want = writer_config("shapes", settings)
-    diff = {k: (info["config"].get(k, want[k]), want[k]) for k in want if info["config"].get(k, want[k]) != want[k]}
-    if not diff:
+    if info is None or info["config"] == want:
         return
-    listing = ", ".join(f"data.{k}: data has {a!r}, config asks {b!r}" for k, (a, b) in sorted(diff.items()))
+    listing = f"data.* {config_differences(info['config'], want)}"
     if default_root:
         raise DataError(f"{root} holds shapes data written with other settings ({listing}); remove that folder "
                         f"(it is rewritten in seconds) or set data.root")

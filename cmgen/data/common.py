@@ -6,6 +6,7 @@ written (videos: see :mod:`cmgen.data.video_io` for what is promised).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -44,7 +45,7 @@ def read_info(root: Path) -> Optional[dict[str, Any]]:
     return None
 
 
-def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> str:
+def config_differences(found: dict[str, Any], wanted: dict[str, Any]) -> str:
     keys = sorted(set(found) | set(wanted))
     return ", ".join(f"{k}: {found.get(k, '-')!r} there, {wanted.get(k, '-')!r} asked" for k in keys
                      if found.get(k) != wanted.get(k))
@@ -87,7 +88,7 @@ def prepare_out_dir(out_dir: str | os.PathLike, dataset: str, config: dict[str, 
     if not (same or overwrite):
         what = (f"{info['dataset']} format {info.get('format_version')}" if info["dataset"] != dataset
                 else f"{dataset} format {info.get('format_version')} with other settings "
-                     f"({_differences(info['config'], config) or 'format ' + str(FORMAT_VERSION) + ' asked'})")
+                     f"({config_differences(info['config'], config) or 'format ' + str(FORMAT_VERSION) + ' asked'})")
         raise FileExistsError(f"{root} holds {what}, written by cmgen; pass overwrite=True (--overwrite) to "
                               f"replace it")
     for name in existing:
@@ -133,30 +134,22 @@ def ensure_dataset(root: str | os.PathLike, marker: str, write: Callable[[], Any
     return root
 
 
-class _exclusive_lock:
+@contextlib.contextmanager
+def _exclusive_lock(path: Path):
     """``fcntl.flock(LOCK_EX)`` on ``path`` (created, parents too) for the ``with`` block; no lock where
     ``fcntl`` does not exist (Windows)."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def __enter__(self) -> "_exclusive_lock":
-        try:
-            import fcntl
-        except ImportError:           # pragma: no cover - not POSIX
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+    try:
+        import fcntl
+    except ImportError:               # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                  # closing the descriptor releases the lock
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,5 +289,5 @@ def prepare_embedded_data(root: Optional[str | os.PathLike], dataset: str, setti
                                 f"{', '.join(required) or INFO_FILE} under the root){hint}")
     if not default and info is not None and info["config"] != config and rank() == 0:
         print(f"cmgen: note: {where} holds {dataset} written with other settings than the config's "
-              f"{key}.* ({_differences(info['config'], config)}); using the data found", file=sys.stderr)
+              f"{key}.* ({config_differences(info['config'], config)}); using the data found", file=sys.stderr)
     return target
