@@ -19,6 +19,11 @@ Objective (paper Algorithm 1 / Eq. 8, as ``worker.py`` applies it):
 (with ``aux_cls_type = "ADC"`` StudioGAN would add fake terms to D; the ContraGAN configs do not.) The
 proxies get gradients only from D's loss: they are D parameters, frozen in the G step.
 
+Backbones (``model.backbone``, StudioGAN ``MODEL.backbone``): ``"big_resnet"`` (this module; every
+StudioGAN ContraGAN config) or ``"deep_conv"`` (StudioGAN's DCGAN, :mod:`text2image.deep_conv`, 32 px:
+one-hot cBN G, conv D; ``model.sn_d=false`` gives its BatchNorm D). Both share the heads of
+:class:`ConditionalDiscriminator` and the sampling of :class:`ClassConditionalGenerator`.
+
 Baselines of the same network (``model.d_cond_mtd``, StudioGAN's name): ``"PD"`` is BigGAN's projection
 discriminator, ``logit = linear1(h) + <embedding(y), h>`` with an SN class embedding of D's width
 (big_resnet.py ``d_cond_mtd == "PD"``; StudioGAN's BigGAN configs), and no 2C term; ``"W/O"`` is an
@@ -82,7 +87,8 @@ from text2image.gan import GANConfig, GANMethod, GANStep
 from text2image.layers import DBlock, GBlock, SelfAttention, init_weights, sn_embedding, snconv2d, snlinear
 
 __all__ = ["G_LAYOUT", "D_LAYOUT", "ContraGANModelConfig", "ClassImageDataConfig", "ShapesClassDataConfig",
-           "ContraGANConfig", "DOutput", "Generator", "Discriminator", "ContraGANMethod", "draw_latents",
+           "ContraGANConfig", "DOutput", "ClassConditionalGenerator", "Generator", "ConditionalDiscriminator",
+           "Discriminator", "ContraGANMethod", "draw_latents",
            "build_class_image_dataset", "shapes_variant_suffix", "shapes_dir_name", "temperature_at",
            "refresh_spectral_norm"]
 
@@ -154,7 +160,45 @@ class DOutput(NamedTuple):
     features: torch.Tensor
 
 
-class Generator(ModelMixin, ConfigMixin):
+class ClassConditionalGenerator(ModelMixin, ConfigMixin):
+    """What every ContraGAN-family generator shares (BigGAN :class:`Generator`, DCGAN
+    :class:`text2image.deep_conv.DCGANGenerator`): a diffusers model whose config holds ``z_dim``,
+    ``latent``, ``num_classes`` and ``output_range``; ``eval()`` refreshes spectral-norm vectors; tanh is
+    mapped to ``output_range``."""
+
+    def train(self, mode: bool = True) -> "ClassConditionalGenerator":
+        """``eval()`` (``train(False)``) also refreshes the spectral-norm vectors on the current weights
+        (:func:`refresh_spectral_norm`): an EMA copy or loaded checkpoint then samples with the exact sigma
+        of its own weights, as StudioGAN's sampling does; within one eval session every forward uses the
+        same sigma, so samples do not depend on the batch size."""
+        super().train(mode)
+        if not mode:
+            refresh_spectral_norm(self)
+        return self
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(n, z_dim)`` noise from the configured prior, on CPU."""
+        return draw_latents(n, self.config.z_dim, self.config.latent, generator)
+
+    def _check_inputs(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+        if y is None:
+            raise ValueError(f"{type(self).__name__} needs class labels y (B,)")
+        if z.dim() != 2 or z.shape[1] != self.config.z_dim or y.shape != (z.shape[0],):
+            raise ValueError(f"need z (B, {self.config.z_dim}) and y (B,), got {tuple(z.shape)} and {tuple(y.shape)}")
+
+    def _to_range(self, pre_tanh: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.range
+        return lo + (hi - lo) * 0.5 * (torch.tanh(pre_tanh) + 1.0)
+
+
+def _check_generator_args(num_classes: int, latent: str) -> None:
+    if num_classes < 1:
+        raise ValueError(f"ContraGAN's generator is class-conditional: num_classes >= 1, got {num_classes}")
+    if latent not in ("normal", "uniform"):
+        raise ValueError(f"latent must be 'normal' or 'uniform', got {latent!r}")
+
+
+class Generator(ClassConditionalGenerator):
     """BigGAN generator with a shared class embedding and hierarchical z (Brock et al. 2019, Sec. 3).
 
     A diffusers model: ``save_pretrained`` / ``from_pretrained`` (safetensors) with everything sampling
@@ -180,10 +224,7 @@ class Generator(ModelMixin, ConfigMixin):
         super().__init__()
         if image_size not in G_LAYOUT:
             raise ValueError(f"image_size must be one of {sorted(G_LAYOUT)}, got {image_size}")
-        if num_classes < 1:
-            raise ValueError(f"ContraGAN's generator is class-conditional: num_classes >= 1, got {num_classes}")
-        if latent not in ("normal", "uniform"):
-            raise ValueError(f"latent must be 'normal' or 'uniform', got {latent!r}")
+        _check_generator_args(num_classes, latent)
         self.range = _check_output_range(output_range)
         layout = G_LAYOUT[image_size]
         chunks = len(layout["in"]) + 1
@@ -210,25 +251,8 @@ class Generator(ModelMixin, ConfigMixin):
         self.conv_out = snconv2d(out_ch, 3, 3, 1, 1, sn=sn)
         init_weights(self, init)
 
-    def train(self, mode: bool = True) -> "Generator":
-        """``eval()`` (``train(False)``) also refreshes the spectral-norm vectors on the current weights
-        (:func:`refresh_spectral_norm`): an EMA copy or loaded checkpoint then samples with the exact sigma
-        of its own weights, as StudioGAN's sampling does; within one eval session every forward uses the
-        same sigma, so samples do not depend on the batch size."""
-        super().train(mode)
-        if not mode:
-            refresh_spectral_norm(self)
-        return self
-
-    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(n, z_dim)`` noise from the configured prior, on CPU."""
-        return draw_latents(n, self.z_dim, self.config.latent, generator)
-
     def forward(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        if y is None:
-            raise ValueError("ContraGAN's generator needs class labels y (B,)")
-        if z.dim() != 2 or z.shape[1] != self.z_dim or y.shape != (z.shape[0],):
-            raise ValueError(f"need z (B, {self.z_dim}) and y (B,), got {tuple(z.shape)} and {tuple(y.shape)}")
+        self._check_inputs(z, y)
         zs = z.split(self.chunk, dim=1)
         shared = self.shared(y)                                          # (B, shared_dim)
         h = self.linear0(zs[0]).view(z.shape[0], self.bottom_channels, _G_BOTTOM, _G_BOTTOM)
@@ -236,66 +260,42 @@ class Generator(ModelMixin, ConfigMixin):
             h = block(h, torch.cat([shared, zs[i + 1]], dim=1))          # block i <- z chunk i + 1
             if i == self.attention_index:
                 h = self.attention(h)
-        lo, hi = self.range
-        return lo + (hi - lo) * 0.5 * (torch.tanh(self.conv_out(F.relu(self.bn(h)))) + 1.0)
+        return self._to_range(self.conv_out(F.relu(self.bn(h))))
 
 
-class Discriminator(nn.Module):
-    """SN-ResNet discriminator with ContraGAN's embedding head and proxy table.
+class ConditionalDiscriminator(nn.Module):
+    """The conditional heads every ContraGAN-family D puts on its pooled features h (B, C), as StudioGAN's
+    big_resnet.py and deep_conv.py both do: ``logits = linear1(h)``; ``"2C"``: ``embeddings = linear2(h)``
+    (B, E) and ``proxies = embedding(y)`` (B, E); ``"PD"``: ``logits += <embedding(y), h>``; ``"W/O"``: none.
+    A subclass builds its backbone, calls :meth:`_build_heads` and implements :meth:`features`."""
 
-    blocks -> ReLU -> sum over H, W = h (B, C); logits = linear1(h) (B,); embeddings = linear2(h) (B, E);
-    proxies = embedding(y) (B, E). All layers spectral-normed (StudioGAN ``apply_d_sn``).
-
-    Args:
-        num_classes, channels (``d_conv_dim``), embed_dim (``d_embed_dim``), image_size (32, 64, 128),
-        attention_at: resolution of the feature map after whose block self-attention runs (16 at 32 px =
-            ``attn_d_loc [1]``), None for none.
-        init: see :func:`text2image.layers.init_weights`.
-        cond_mtd: ``"2C"`` (ContraGAN: embedding head + proxies), ``"PD"`` (projection: the label enters the
-            logit) or ``"W/O"`` (unconditional); StudioGAN ``d_cond_mtd``.
-
-    Shapes: images (B, 3, S, S), y (B,) int64 -> :class:`DOutput`.
-    """
-
-    def __init__(self, num_classes: int = 10, channels: int = 96, embed_dim: int = 512, image_size: int = 32,
-                 attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho", cond_mtd: str = "2C"):
-        super().__init__()
+    def _build_heads(self, num_classes: int, width: int, embed_dim: int, cond_mtd: str, sn: bool) -> None:
         if cond_mtd not in ("2C", "PD", "W/O"):
             raise ValueError(f"cond_mtd (model.d_cond_mtd) must be '2C', 'PD' or 'W/O', got {cond_mtd!r}")
-        self.cond_mtd = cond_mtd
-        if image_size not in D_LAYOUT:
-            raise ValueError(f"image_size must be one of {sorted(D_LAYOUT)}, got {image_size}")
-        self.num_classes, self.image_size = num_classes, image_size
-        layout = D_LAYOUT[image_size]
-        blocks, res = [], image_size
-        self.attention_index, self.attention = None, None
-        for i, (m_in, m_out, down) in enumerate(zip(layout["in"], layout["out"], layout["down"])):
-            in_ch = 3 if m_in is None else channels * m_in
-            blocks.append(DBlock(in_ch, channels * m_out, downsample=down, optimized=i == 0, sn=sn))
-            res = res // 2 if down else res
-            if res == attention_at and self.attention is None:
-                self.attention_index, self.attention = i, SelfAttention(channels * m_out, sn)
-        if attention_at is not None and self.attention is None:
-            raise ValueError(f"attention_at={attention_at} is not a feature-map size of the {image_size} px D")
-        self.blocks = nn.ModuleList(blocks)
-        out_ch = channels * layout["out"][-1]
-        self.linear1 = snlinear(out_ch, 1, sn=sn)
+        self.cond_mtd, self.num_classes = cond_mtd, num_classes
+        self.linear1 = snlinear(width, 1, sn=sn)
         if cond_mtd == "2C":
-            self.linear2 = snlinear(out_ch, embed_dim, sn=sn)
+            self.linear2 = snlinear(width, embed_dim, sn=sn)
             self.embedding = sn_embedding(num_classes, embed_dim, sn=sn)
         elif cond_mtd == "PD":
-            self.embedding = sn_embedding(num_classes, out_ch, sn=sn)
-        init_weights(self, init)
+            self.embedding = sn_embedding(num_classes, width, sn=sn)
 
-    def forward(self, images: torch.Tensor, y: torch.Tensor) -> DOutput:
-        if images.dim() != 4 or images.shape[1] != 3 or y.shape != (images.shape[0],):
-            raise ValueError(f"need images (B, 3, H, W) and y (B,), got {tuple(images.shape)} and {tuple(y.shape)}")
-        h = images
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features h (B, C) of images (B, 3, S, S)."""
+        raise NotImplementedError
+
+    def _run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        """``self.blocks`` in turn, with ``self.attention`` after block ``self.attention_index`` (or none)."""
         for i, block in enumerate(self.blocks):
             h = block(h)
             if i == self.attention_index:
                 h = self.attention(h)
-        h = F.relu(h).sum(dim=(2, 3))                                    # (B, C)
+        return h
+
+    def forward(self, images: torch.Tensor, y: torch.Tensor) -> DOutput:
+        if images.dim() != 4 or images.shape[1] != 3 or y.shape != (images.shape[0],):
+            raise ValueError(f"need images (B, 3, H, W) and y (B,), got {tuple(images.shape)} and {tuple(y.shape)}")
+        h = self.features(images)
         logits = self.linear1(h).squeeze(1)
         if self.cond_mtd == "2C":
             return DOutput(logits, self.linear2(h), self.embedding(y), h)
@@ -323,6 +323,48 @@ class Discriminator(nn.Module):
         return (out.features @ table.T).argmax(1)
 
 
+class Discriminator(ConditionalDiscriminator):
+    """SN-ResNet discriminator with ContraGAN's embedding head and proxy table.
+
+    blocks -> ReLU -> sum over H, W = h (B, C); heads of :class:`ConditionalDiscriminator`. All layers
+    spectral-normed (StudioGAN ``apply_d_sn``).
+
+    Args:
+        num_classes, channels (``d_conv_dim``), embed_dim (``d_embed_dim``), image_size (32, 64, 128),
+        attention_at: resolution of the feature map after whose block self-attention runs (16 at 32 px =
+            ``attn_d_loc [1]``), None for none.
+        init: see :func:`text2image.layers.init_weights`.
+        cond_mtd: ``"2C"`` (ContraGAN: embedding head + proxies), ``"PD"`` (projection: the label enters the
+            logit) or ``"W/O"`` (unconditional); StudioGAN ``d_cond_mtd``.
+
+    Shapes: images (B, 3, S, S), y (B,) int64 -> :class:`DOutput`.
+    """
+
+    def __init__(self, num_classes: int = 10, channels: int = 96, embed_dim: int = 512, image_size: int = 32,
+                 attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho", cond_mtd: str = "2C"):
+        super().__init__()
+        if image_size not in D_LAYOUT:
+            raise ValueError(f"image_size must be one of {sorted(D_LAYOUT)}, got {image_size}")
+        self.image_size = image_size
+        layout = D_LAYOUT[image_size]
+        blocks, res = [], image_size
+        self.attention_index, self.attention = None, None
+        for i, (m_in, m_out, down) in enumerate(zip(layout["in"], layout["out"], layout["down"])):
+            in_ch = 3 if m_in is None else channels * m_in
+            blocks.append(DBlock(in_ch, channels * m_out, downsample=down, optimized=i == 0, sn=sn))
+            res = res // 2 if down else res
+            if res == attention_at and self.attention is None:
+                self.attention_index, self.attention = i, SelfAttention(channels * m_out, sn)
+        if attention_at is not None and self.attention is None:
+            raise ValueError(f"attention_at={attention_at} is not a feature-map size of the {image_size} px D")
+        self.blocks = nn.ModuleList(blocks)
+        self._build_heads(num_classes, channels * layout["out"][-1], embed_dim, cond_mtd, sn)
+        init_weights(self, init)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.relu(self._run_blocks(images)).sum(dim=(2, 3))          # (B, C)
+
+
 def temperature_at(step: int, start: float, end: float, schedule: str, tempering_step: int, total: int) -> float:
     """The 2C temperature at ``step`` (paper-era StudioGAN ``trainer.py``, see the module docstring)."""
     if schedule == "constant":
@@ -342,13 +384,15 @@ class ContraGANModelConfig:
     """Model and 2C-loss hyperparameters (StudioGAN names in brackets)."""
 
     image_size: int = 32
+    backbone: Literal["big_resnet", "deep_conv"] = "big_resnet"   # deep_conv: text2image.deep_conv (32 px)
     z_dim: int = 80
-    shared_dim: int = 128                 # g_shared_dim
+    shared_dim: int = 128                 # g_shared_dim (big_resnet; deep_conv conditions on one-hot y)
     g_channels: int = 96                  # g_conv_dim
     d_channels: int = 96                  # d_conv_dim
     embed_dim: int = 512                  # d_embed_dim
     attention_at: Optional[int] = 16      # apply_attn with attn_g_loc / attn_d_loc, as a resolution
     sn_g: bool = True                     # apply_g_sn
+    sn_d: bool = True                     # apply_d_sn; False (deep_conv only): BatchNorm after D's convs
     init: str = "ortho"                   # g_init = d_init (text2image.layers.init_weights)
     latent: Literal["normal", "uniform"] = "normal"   # z_prior
     d_cond_mtd: Literal["2C", "PD", "W/O"] = "2C"   # PD / W/O: same-size baselines without the 2C term
@@ -493,6 +537,8 @@ class ContraGANMethod(GANMethod):
             raise ValueError(f"model.two_c_grad must be 'exact' or 'studiogan', got {m.two_c_grad!r}")
         if m.d_cond_mtd not in ("2C", "PD", "W/O"):
             raise ValueError(f"model.d_cond_mtd must be '2C', 'PD' or 'W/O', got {m.d_cond_mtd!r}")
+        if m.backbone not in ("big_resnet", "deep_conv"):
+            raise ValueError(f"model.backbone must be 'big_resnet' or 'deep_conv', got {m.backbone!r}")
         temperature_at(0, m.temperature, m.end_temperature, m.temperature_schedule, m.tempering_step,
                        max(1, cfg.train.max_steps))  # validates the schedule settings
         self.two_c = TwoC(temperature=m.temperature, pos_collected_numerator=m.pos_collected_numerator,
@@ -510,8 +556,20 @@ class ContraGANMethod(GANMethod):
         return self._dataset
 
     def build_models(self, cfg: ContraGANConfig) -> dict[str, nn.Module]:
+        """G and D of ``model.backbone``: ``big_resnet`` (:class:`Generator`, :class:`Discriminator`) or
+        ``deep_conv`` (:mod:`text2image.deep_conv`); ``g_channels`` / ``d_channels`` are StudioGAN's
+        ``g_conv_dim`` / ``d_conv_dim`` for big_resnet and the base width c (StudioGAN fixes 64) for deep_conv."""
         m = cfg.model
         self.num_classes = len(self._data()[1])
+        if m.backbone == "deep_conv":
+            from text2image.deep_conv import DCGANDiscriminator, DCGANGenerator
+            return {"g": DCGANGenerator(m.z_dim, self.num_classes, m.g_channels, m.image_size, m.attention_at,
+                                        m.sn_g, m.init, m.latent, self.output_range),
+                    "d": DCGANDiscriminator(self.num_classes, m.d_channels, m.embed_dim, m.image_size,
+                                            m.attention_at, m.sn_d, m.init, m.d_cond_mtd)}
+        if not m.sn_d:
+            raise ValueError("model.sn_d=false (StudioGAN apply_d_sn: False, a BatchNorm D) is implemented for "
+                             "model.backbone=deep_conv only; big_resnet's D is spectral-normed")
         return {"g": Generator(m.z_dim, m.shared_dim, self.num_classes, m.g_channels, m.image_size,
                                m.attention_at, m.sn_g, m.init, m.latent, self.output_range),
                 "d": Discriminator(self.num_classes, m.d_channels, m.embed_dim, m.image_size, m.attention_at,

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-__all__ = ["SN_EPS", "init_weights", "snconv2d", "snlinear", "sn_embedding", "is_spectral_normed", "ConditionalBatchNorm2d",
+__all__ = ["SN_EPS", "init_weights", "snconv2d", "sndeconv2d", "snlinear", "sn_embedding", "is_spectral_normed", "ConditionalBatchNorm2d",
            "GBlock", "DBlock", "SelfAttention"]
 
 SN_EPS = 1e-6  # StudioGAN ops.snconv2d / snlinear / sn_embedding
@@ -74,6 +74,12 @@ def snconv2d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: 
              bias: bool = True, sn: bool = True) -> nn.Module:
     """``nn.Conv2d`` with spectral normalisation on its weight (``sn=False`` gives the plain conv)."""
     return _sn(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias), sn)
+
+
+def sndeconv2d(in_channels: int, out_channels: int, kernel_size: int = 4, stride: int = 2, padding: int = 1,
+               bias: bool = True, sn: bool = True) -> nn.Module:
+    """``nn.ConvTranspose2d`` with spectral normalisation (StudioGAN ``ops.sndeconv2d``); ``sn=False``: plain."""
+    return _sn(nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias), sn)
 
 
 def snlinear(in_features: int, out_features: int, bias: bool = True, sn: bool = True) -> nn.Module:
