@@ -50,32 +50,35 @@ CRITERION = {"class_accuracy": 0.60, "confident": 0.60, "classes": 5}   # issue 
 
 
 def score(source, samples: int) -> dict:
-    """Score ``samples`` G-EMA images of ``source`` (run or checkpoint directory) with its kind's scorer."""
+    """Score ``samples`` G-EMA images of ``source`` (run or checkpoint directory) with its kind's scorer;
+    one draw of samples serves the evaluator and, for a conditional G, D's own head."""
     from cmgen.generate_cli import load_generator, sample_tensors
     from evaluation.generation_cli import shapes_root_of
-    from evaluation.shapes_eval import ShapesEvaluator, evaluate_generator
+    from evaluation.shapes_eval import ShapesEvaluator
     from text2image.contrad import unconditional_shapes_scores
 
     lg = load_generator(source)
+    ev = ShapesEvaluator.load_or_train(shapes_root_of(lg.method, lg.cfg))
+    fakes, labels = sample_tensors(lg, samples, seed=0)
     rec: dict = {"weights": lg.source.get("weights")}
     if lg.num_classes:
-        m = evaluate_generator(lg, samples, seed=0)
+        m = ev.evaluate(fakes, labels=labels)
         rec.update(class_accuracy=m["class_accuracy"], shapes_fd=m["shapes_fd"])
         rec["meets"] = m["class_accuracy"] >= CRITERION["class_accuracy"]
-        rec.update(d_head_accuracy(lg, source, samples))
+        rec.update(d_head_accuracy(lg, source, fakes, labels))
     else:
-        ev = ShapesEvaluator.load_or_train(shapes_root_of(lg.method, lg.cfg))
-        rec.update(unconditional_shapes_scores(ev, sample_tensors(lg, samples, seed=0)[0]))
+        rec.update(unconditional_shapes_scores(ev, fakes))
         rec["meets"] = rec["confident"] >= CRITERION["confident"] and rec["classes_covered"] >= CRITERION["classes"]
     return rec
 
 
-def d_head_accuracy(lg, source, samples: int) -> dict:
+def d_head_accuracy(lg, source, fakes, labels) -> dict:
     """How well the run's D reads classes with its own conditional head (``Discriminator.classify``): on the
-    real val images of its data (``d_real_acc``) and on ``samples`` fakes G(z, y) against y (``d_fake_acc``).
+    real val images of its data (``d_real_acc``) and on ``fakes`` G(z, y) (in [0, 1]) against
+    ``labels`` y (``d_fake_acc``).
     Empty for a D without one."""
     from cmgen.engine.checkpoint import load_model_state
-    from cmgen.generate_cli import resolve_checkpoint, sample_tensors
+    from cmgen.generate_cli import resolve_checkpoint
     from evaluation.generation_cli import shapes_root_of
     from evaluation.shapes_eval import load_split
 
@@ -86,7 +89,6 @@ def d_head_accuracy(lg, source, samples: int) -> dict:
     d.eval()
     lo, hi = lg.output_range
     images, targets, _ = load_split(Path(shapes_root_of(lg.method, lg.cfg)), "val", lg.cfg.model.image_size)
-    fakes, labels = sample_tensors(lg, samples, seed=0)
     acc = lambda x, y: float((d.classify(lo + (hi - lo) * x) == y).float().mean())   # noqa: E731
     return {"d_real_acc": acc(images, targets["shape"]), "d_fake_acc": acc(fakes, labels)}
 
@@ -108,7 +110,7 @@ def measure_seed(config: str, seed: int, out: Path, overrides: list[str], sample
 
     base = load_config(config, overrides)
     # one data folder per (size, num_images, data seed, max_shapes), as the GAN demo names them
-    data = [] if base.data.root else [f"data.root={gan_demo._data_root(out, base)}"]
+    data = [] if base.data.root else [f"data.root={gan_demo.shapes_data_root(out, base)}"]
     cfg = load_config(config, [*overrides, *data, f"run.seed={seed}", f"run.output_dir={out / 'runs'}",
                                f"run.name={tag}-s{seed}", "train.sample_every=0", "train.trackers=[]",
                                "train.progress_bar=false"])
@@ -126,6 +128,11 @@ def measure_seed(config: str, seed: int, out: Path, overrides: list[str], sample
     return _rounded(rec)
 
 
+def metric_key(records: list[dict]) -> str:
+    """The criterion metric of these records: class accuracy (conditional G) or confident share."""
+    return "class_accuracy" if "class_accuracy" in records[0] else "confident"
+
+
 def plot_curves(records: list[dict], path: Path, title: str) -> None:
     """The curve of each seed (metric against step, and CPU-s on a second axis), chance and criterion."""
     import matplotlib
@@ -133,7 +140,7 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "class_accuracy" if "class_accuracy" in records[0] else "confident"
+    key = metric_key(records)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for r in records:
         pts = r.get("curve") or [{"step": r["steps"], key: r[key]}]
@@ -157,7 +164,7 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
 
 def curve_table(records: list[dict]) -> str:
     """One row per kept checkpoint step, one metric column per seed."""
-    key = "class_accuracy" if "class_accuracy" in records[0] else "confident"
+    key = metric_key(records)
     steps = sorted({p["step"] for r in records for p in r.get("curve", [])})
     per = {r["seed"]: {p["step"]: p for p in r.get("curve", [])} for r in records}
     fmt = (lambda v: f"{v:.2f}") if key == "class_accuracy" else (lambda v: f"{v:.0%}")
@@ -168,7 +175,7 @@ def curve_table(records: list[dict]) -> str:
 
 def table(records: list[dict]) -> str:
     """One row per seed, then the mean of the numeric columns and the number of seeds meeting the criterion."""
-    cond = "class_accuracy" in records[0]
+    cond = metric_key(records) == "class_accuracy"
     cols = (["class_accuracy"] if cond else ["confident", "classes_covered", "class_entropy"]) + ["shapes_fd"]
     heads = ["seed", "steps", "CPU-s", "wall-s", *("class acc" if c == "class_accuracy" else c for c in cols),
              "meets"]

@@ -62,21 +62,21 @@ def test_verdict_needs_a_margin_beyond_noise():
     assert worse.count("is behind") == 2
 
 
-def test_data_root_separates_max_shapes_variants(tmp_path):
+def test_shapes_data_root_separates_max_shapes_variants(tmp_path):
     """Runs on different shapes data (data.max_shapes) must not share the demo's data folder."""
     from cmgen.engine.registry import load_config
-    from text2image.gan_demo import PROJECT_ROOT, _data_root
+    from text2image.gan_demo import PROJECT_ROOT, shapes_data_root
 
     path = PROJECT_ROOT / "configs" / "contragan" / "shapes.yaml"
     base = ["data.num_images=512", "data.seed=0"]
-    assert _data_root(tmp_path, load_config(path, [*base, "data.max_shapes=2"])) == tmp_path / "data" / "shapes_32px"
-    one = _data_root(tmp_path, load_config(path, [*base, "data.max_shapes=1"]))
+    assert shapes_data_root(tmp_path, load_config(path, [*base, "data.max_shapes=2"])) == tmp_path / "data" / "shapes_32px"
+    one = shapes_data_root(tmp_path, load_config(path, [*base, "data.max_shapes=1"]))
     assert one == tmp_path / "data" / "shapes_32px_n512_s0_m1"
-    assert _data_root(tmp_path, load_config(path, ["data.num_images=256", "data.max_shapes=2"])).name == \
+    assert shapes_data_root(tmp_path, load_config(path, ["data.num_images=256", "data.max_shapes=2"])).name == \
         "shapes_32px_n256_s0"
     large = ["data.primary_size=large"]               # the large-object variant: its own folder
-    assert _data_root(tmp_path, load_config(path, [*base, *large])) == tmp_path / "data" / "shapes_32px_n512_s0_large"
-    assert _data_root(tmp_path, load_config(path, [*base, *large, "data.max_shapes=1"])).name == \
+    assert shapes_data_root(tmp_path, load_config(path, [*base, *large])) == tmp_path / "data" / "shapes_32px_n512_s0_large"
+    assert shapes_data_root(tmp_path, load_config(path, [*base, *large, "data.max_shapes=1"])).name == \
         "shapes_32px_n512_s0_m1_large"
-    assert _data_root(tmp_path, load_config(path, [*base, "data.primary_size=mixed"])) == \
+    assert shapes_data_root(tmp_path, load_config(path, [*base, "data.primary_size=mixed"])) == \
         tmp_path / "data" / "shapes_32px"

@@ -37,7 +37,7 @@ from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["RUNS", "demo_stage", "attribute_overlap"]
+__all__ = ["RUNS", "demo_stage", "attribute_overlap", "shapes_data_root"]
 
 # (run name, label in the report, config under configs/, overrides, conditional)
 RUNS = (
@@ -115,7 +115,7 @@ def _grid(lg, path: Path, seed: int = 1) -> str:
     return "unconditional samples"
 
 
-def _data_root(out: Path, cfg) -> Path:
+def shapes_data_root(out: Path, cfg) -> Path:
     """Where a run's shapes data goes: the method's own folder name for its settings under ``out/data``
     (the evaluator's root, shapes_32px, for the default data)."""
     from text2image.contragan import shapes_dir_name
@@ -130,7 +130,7 @@ def _config(name: str, rel: str, overrides: list[str], out: Path, steps: int, ex
     base = load_config(path, overrides)
     start = int(round(base.ema.start_step * steps / max(base.train.max_steps, 1)))
     return load_config(path, [*overrides, f"run.output_dir={out / 'runs'}", f"run.name=gan-{name}",
-                              f"data.root={_data_root(out, base)}", f"train.max_steps={steps}",
+                              f"data.root={shapes_data_root(out, base)}", f"train.max_steps={steps}",
                               f"ema.start_step={min(start, max(steps - 1, 0))}", f"train.checkpoint_every={steps}",
                               "train.sample_every=0", "train.eval_every=0", f"train.log_every={max(steps // 20, 1)}",
                               "train.progress_bar=false", "train.trackers=[]", *extra])
