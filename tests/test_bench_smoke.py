@@ -259,3 +259,24 @@ def test_shapes_gan_quality_bench_smoke(tmp_path, monkeypatch, capsys):
     assert 0 <= rec["d_real_acc"] <= 1 and 0 <= rec["d_fake_acc"] <= 1     # the 2C head read as a classifier
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "| step | seed 3 |" in capsys.readouterr().out
+
+
+def test_shapes_d_probe_smoke(tmp_path, capsys):
+    """bench/shapes_d_probe.py: a ContraGAN config's D (2C only) and the anchor network trained a few steps
+    on real shapes; held-out accuracies at the asked steps, the table and the JSON line; a config without
+    a 2C head is refused by name."""
+    spec = importlib.util.spec_from_file_location("bench_shapes_d_probe", BENCH / "shapes_d_probe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = str(BENCH.parent / "configs/contragan/shapes.yaml")
+    jsonl = tmp_path / "p.jsonl"
+    tiny = ["data.num_images=40", "model.backbone=deep_conv", "model.attention_at=null"]
+    assert bench.main([config, *tiny, "--steps", "4", "--every", "2", "--out", str(tmp_path / "o"),
+                       "--json", str(jsonl)]) == 0
+    rec = json.loads(jsonl.read_text())
+    assert [r["step"] for r in rec["curve"]] == [2, 4] and rec["train_images"] == 35 and rec["test_images"] == 448
+    assert all(0 <= r["d_head_acc"] <= 1 and 0 <= r["anchor_acc"] <= 1 and r["d_2c"] > 0 for r in rec["curve"])
+    assert rec["cpu_s_d"] > 0 and rec["cpu_s_anchor"] > 0
+    assert "| step | D head (2C only) | anchor (evaluator net, CE) | D 2C loss |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="d_cond_mtd=2C"):
+        bench.probe(config, ["model.d_cond_mtd=PD", *tiny], 1, 1, tmp_path / "o")
