@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .common import FORMAT_VERSION, INFO_FILE, prepare_out_dir, write_json, write_text
+from .common import FORMAT_VERSION, INFO_FILE, prepare_out_dir, write_json, write_text, writer_config
 
 __all__ = ["SHAPES", "COLOURS", "SIZES", "POSITIONS", "TEMPLATES", "PRIMARY_SIZES", "render_shapes",
            "write_shapes"]
@@ -204,10 +204,10 @@ def write_shapes(out_dir: str | os.PathLike, num_images: int = 512, image_size: 
         if (split == "train" or n > 0) and n < len(SHAPES):
             raise ValueError(f"split {split!r} would have {n} images (num_images={num_images}, "
                              f"val_fraction={val_fraction}); each split needs >= {len(SHAPES)}, one per class")
-    config = {"num_images": num_images, "image_size": image_size, "seed": seed, "max_shapes": max_shapes,
-              "val_fraction": val_fraction, "captions_per_image": captions_per_image}
-    if primary_size != "mixed":
-        config["primary_size"] = primary_size
+    # the one rule for what dataset_info.json records (config_omits_default below), shared with the digest
+    config = writer_config("shapes", dict(num_images=num_images, image_size=image_size, seed=seed,
+                                          max_shapes=max_shapes, val_fraction=val_fraction,
+                                          captions_per_image=captions_per_image, primary_size=primary_size))
     root = prepare_out_dir(out_dir, "shapes", config, overwrite)
 
     rng = np.random.default_rng(seed)
