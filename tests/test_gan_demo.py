@@ -31,9 +31,10 @@ def test_demo_stage_tiny_budget(tmp_path):
         assert f"| {label} | {r['steps']} |" in text
         assert r["steps"] >= 2 and r["config"] == f"configs/{rel}" and r["overrides"] == overrides
         assert ("class_accuracy" in r) == conditional
-        for key in ("shapes_fd", "overlap/colour", "overlap/size", "overlap/position"):
+        for key in ("shapes_fd", "overlap/colour", "overlap/size", "overlap/position", "confident"):
             assert key in r
-        assert all(0.0 <= r[k] <= 1.0 for k in r if k.startswith("overlap/") or k == "class_accuracy")
+        assert all(0.0 <= r[k] <= 1.0 for k in r if k.startswith("overlap/") or k in ("class_accuracy", "confident"))
+        assert 1 <= r["classes_covered"] <= 5 and f"| {r['confident']:.0%} ({r['classes_covered']}) |" in text
         png = tmp_path / f"gan_{name}.png"
         assert f"![{name} samples](gan_{name}.png)" in text and png.is_file()
         img = Image.open(png)
@@ -48,18 +49,21 @@ def test_demo_stage_tiny_budget(tmp_path):
 def test_verdict_needs_a_margin_beyond_noise():
     from text2image.gan_demo import _verdict
 
-    def runs(acc_a, acc_b, fd_a, fd_b):
+    def runs(acc_a, acc_b, fd_a, fd_b, conf_a=0.5, conf_b=0.5):
         return {"contragan": {"label": "ContraGAN", "class_accuracy": acc_a, "n": 500},
                 "biggan": {"label": "BigGAN", "class_accuracy": acc_b, "n": 500},
-                "contrad": {"label": "ContraD", "shapes_fd": fd_a},
-                "contrad-std": {"label": "plain", "shapes_fd": fd_b}}
+                "contrad": {"label": "ContraD", "shapes_fd": fd_a, "confident": conf_a, "classes_covered": 5},
+                "contrad-std": {"label": "plain", "shapes_fd": fd_b, "confident": conf_b, "classes_covered": 3}}
 
     level = _verdict(runs(0.25, 0.25, 1350.3, 1387.3))      # the demo's tie and a 3% FD gap
-    assert level.count("is within noise of") == 2 and "beats" not in level
-    clear = _verdict(runs(0.60, 0.25, 500.0, 1400.0))
-    assert clear.count("beats") == 2
-    worse = _verdict(runs(0.20, 0.30, 1600.0, 1000.0))
-    assert worse.count("is behind") == 2
+    assert level.count("is within noise of") == 3 and "beats" not in level
+    clear = _verdict(runs(0.60, 0.25, 500.0, 1400.0, 0.63, 0.40))
+    assert clear.count("beats") == 3 and "confident share (63% with 5 classes vs 40% with 3;" in clear
+    worse = _verdict(runs(0.20, 0.30, 1600.0, 1000.0, 0.40, 0.60))
+    assert worse.count("is behind") == 3
+    # two binomial standard errors of 500 samples: 0.55 vs 0.50 is noise, 0.60 vs 0.50 is not
+    assert "within noise of its plain baseline on confident" in _verdict(runs(0.2, 0.2, 1, 1, 0.55, 0.50))
+    assert "beats its plain baseline on confident" in _verdict(runs(0.2, 0.2, 1, 1, 0.60, 0.50))
 
 
 def test_shapes_data_root_separates_max_shapes_variants(tmp_path):

@@ -15,7 +15,8 @@ A short probe of each config measures its speed and fixed cost; every run then g
 of its config's ``train.max_steps`` so that all four fit ``budget_s`` (the configs are tuned to learn
 within their ``max_steps``; a smaller budget trains less and says so). EMA start steps scale with it.
 
-Metrics, per run: class accuracy (conditional G; chance 20 %), the agreement of the colour, size and
+Metrics, per run: class accuracy (conditional G; chance 20 %), the confident share (most likely shape at
+probability >= 0.5; issue 7's criterion for an unconditional G, with the number of shapes predicted), the agreement of the colour, size and
 position histograms the evaluator predicts on the samples with those it predicts on the real training
 images (1 - total variation: 1 = same distribution, the classifier's own errors cancel; it falls when G
 collapses onto one colour or place), and the Fréchet distance in the evaluator's feature space, which
@@ -87,11 +88,15 @@ def _score(ev, images01: torch.Tensor, labels, reference: dict[str, torch.Tensor
     """Evaluator scores; ``reference``: the attributes it predicts on the real training images."""
     from evaluation.shapes_eval import ATTRIBUTES
 
+    from text2image.contrad import unconditional_shapes_scores
+
     m = ev.evaluate(images01, labels=labels)
     pred = _predicted_attributes(ev, images01)
     out = {"shapes_fd": float(m["shapes_fd"])}
     if "class_accuracy" in m:
         out["class_accuracy"] = float(m["class_accuracy"])
+    u = unconditional_shapes_scores(ev, images01)     # issue 7's criterion for an unconditional G
+    out.update(confident=u["confident"], classes_covered=u["classes_covered"])
     for a in (*_ATTRS, "shape"):
         out[f"overlap/{a}"] = attribute_overlap(pred[a], reference[a], len(ATTRIBUTES[a]))
     return out
@@ -229,25 +234,30 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
     def cell(r: dict, key: str, fmt: str = "{:.2f}") -> str:
         return fmt.format(r[key]) if key in r else "–"
 
-    header = "| run | steps | s | class acc | colour | size | position | shapes-FD |"
-    rows = [f"| {r['label']} | {r['steps']} | {r['seconds']:.0f} | {cell(r, 'class_accuracy')} | "
+    def confident(r: dict) -> str:
+        return f"{r['confident']:.0%} ({r['classes_covered']})"
+
+    header = "| run | steps | s | class acc | confident (classes) | colour | size | position | shapes-FD |"
+    rows = [f"| {r['label']} | {r['steps']} | {r['seconds']:.0f} | {cell(r, 'class_accuracy')} | {confident(r)} | "
             f"{cell(r, 'overlap/colour')} | {cell(r, 'overlap/size')} | {cell(r, 'overlap/position')} | "
             f"{cell(r, 'shapes_fd', '{:.1f}')} |" for r in results.values()]
     rows.append(f"| real val images (ceiling, n={len(val_attrs['shape'])}) | | | {real['class_accuracy']:.2f} | "
-                f"{real['overlap/colour']:.2f} | {real['overlap/size']:.2f} | {real['overlap/position']:.2f} | "
-                f"{real['shapes_fd']:.1f} |")
-    rows.append("| chance | | | 0.20 | | | | |")
+                f"{confident(real)} | {real['overlap/colour']:.2f} | {real['overlap/size']:.2f} | "
+                f"{real['overlap/position']:.2f} | {real['shapes_fd']:.1f} |")
+    rows.append("| chance | | | 0.20 | | | | | |")
     plot_curves(curves, out / "gan_losses.png", "GAN demo: D and G losses")
     verdict = _verdict(results)
     report += ["## Contrastive GAN discriminators on shapes", "",
                f"Four GANs on the embedded shapes data (32 px), each at {share:.0%} of its config's "
                f"`train.max_steps` to fit the {budget_s:.0f} s budget. Scores of {eval_samples} EMA-generator "
                "samples from the shapes evaluator: **class acc** = share of samples the classifier reads as the "
-               "shape they were generated for (conditional G only); **colour / size / position** = agreement "
+               "shape they were generated for (conditional G only); **confident (classes)** = share of samples "
+               "whose most likely shape has probability >= 0.5, and how many of the 5 shapes are predicted at all "
+               "(issue 7's criterion for an unconditional G: >= 60% with all 5); **colour / size / position** = agreement "
                "of the attribute histogram the evaluator predicts on the samples with the one it predicts on "
                "the real training images (1 - total variation; 1 = same distribution; the real row, from few "
                f"images, carries sampling noise); **shapes-FD** = Fréchet distance of evaluator features, {NOT_COMPARABLE}.", "",
-               header, "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+               header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
                f"**As measured here:** {verdict}", ""]
     for name, label, caption in images:
         report += [f"**{label}** ({caption}):", "", f"![{name} samples](gan_{name}.png)", ""]
@@ -265,6 +275,7 @@ def _verdict(results: dict[str, dict[str, Any]]) -> str:
     """One sentence per method/baseline pair present: does the contrastive D help, by these numbers."""
     parts = []
     pairs = (("contragan", "biggan", "class_accuracy", "class accuracy", True),
+             ("contrad", "contrad-std", "confident", "confident share", True),
              ("contrad", "contrad-std", "shapes_fd", "shapes-FD", False))
     for a, b, key, what, higher in pairs:
         if a not in results or b not in results or key not in results[a] or key not in results[b]:
@@ -278,7 +289,13 @@ def _verdict(results: dict[str, dict[str, Any]]) -> str:
         gain = (va - vb) if higher else (vb - va)
         outcome = ("beats" if gain > margin else "is behind" if gain < -margin else
                    "is within noise of")
-        values = f"{va:.2f} vs {vb:.2f}, chance 0.20" if higher else f"{va:.1f} vs {vb:.1f}, lower is better"
+        if key == "confident":
+            values = (f"{va:.0%} with {results[a].get('classes_covered', '?')} classes vs {vb:.0%} with "
+                      f"{results[b].get('classes_covered', '?')}")
+        elif higher:
+            values = f"{va:.2f} vs {vb:.2f}, chance 0.20"
+        else:
+            values = f"{va:.1f} vs {vb:.1f}, lower is better"
         parts.append(f"{results[a]['label']} {outcome} its plain baseline on {what} ({values}; "
                      f"noise margin {margin:.2g})")
     return "; ".join(parts) + "." if parts else "no method/baseline pair was run."
