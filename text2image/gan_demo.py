@@ -16,9 +16,9 @@ of its config's ``train.max_steps`` so that all four fit ``budget_s`` (the confi
 within their ``max_steps``; a smaller budget trains less and says so). EMA start steps scale with it.
 
 Metrics, per run: class accuracy (conditional G; chance 20 %), the confident share (most likely shape at
-probability >= 0.5; issue 7's criterion for an unconditional G, with the number of shapes predicted), the agreement of the colour, size and
-position histograms the evaluator predicts on the samples with those it predicts on the real training
-images (1 - total variation: 1 = same distribution, the classifier's own errors cancel; it falls when G
+probability >= 0.5; issue 7's criterion for an unconditional G, with the number of shapes predicted), the
+agreement of the colour, size and position histograms the evaluator predicts on the samples with those
+it predicts on the real training images (1 - total variation: 1 = same distribution, the classifier's own errors cancel; it falls when G
 collapses onto one colour or place), and the Fréchet distance in the evaluator's feature space, which
 is **not comparable with published FID**. The real validation images give the ceiling of each number
 (their histograms, from few images, carry sampling noise).
