@@ -264,6 +264,55 @@ def test_d_and_g_losses_equal_transcribed_studiogan_2c(tmp_path):
     assert float(hinge_g_loss(torch.tensor([1.0, 3.0]))) == pytest.approx(-2.0)
 
 
+def test_adc_maps_labels_and_adds_the_fake_class_terms(tmp_path):
+    """aux_cls_type=ADC (StudioGAN worker.py / big_resnet.py, ContraGAN-ADC.yaml): 2K proxies; in D's update
+    reals look up row 2y and fakes row 2y+1, and D adds lambda*2C(e_fake, p_{2y+1}); G's 2C uses rows 2y
+    and subtracts lambda*2C(e_fake, p_{2y+1}). Values against the loop transcription of the 2C loss."""
+    torch.manual_seed(0)
+    method = _method(tmp_path, cond_lambda=0.7, temperature=0.5, aux_cls_type="ADC")
+    d = method.build_models(method.cfg)["d"].eval()
+    assert d.embedding.weight.shape[0] == 2 * C
+    x_r, x_f = torch.randn(6, 3, S, S), torch.randn(6, 3, S, S)
+    y_r, y_f = torch.tensor([0, 1, 1, 2, 0, 4]), torch.tensor([2, 2, 0, 1, 4, 0])
+    s = GANStep(0, "d", x_r, y_r, cond_fake=y_f, fake=x_f)
+    s.out_real, s.out_fake = method.d_forward(d, s)
+    with torch.no_grad():
+        torch.testing.assert_close(s.out_real.proxies, d.embedding(2 * y_r))
+        torch.testing.assert_close(s.out_fake.proxies, d.embedding(2 * y_f + 1))
+    terms = method.d_loss(s)
+    assert set(terms) == {"d_adv", "d_2c", "d_adc"}
+    ref = lambda e, p, y: 0.7 * _two_c_studiogan(e, p, y, 0.5)  # noqa: E731
+    torch.testing.assert_close(terms["d_2c"].double(), ref(s.out_real.embeddings, d.embedding(2 * y_r), y_r))
+    torch.testing.assert_close(terms["d_adc"].double(), ref(s.out_fake.embeddings, d.embedding(2 * y_f + 1), y_f))
+    g = GANStep(0, "g", x_r, y_r, cond_fake=y_f, fake=x_f)
+    _, g.out_fake = method.g_forward(d, g)
+    g_terms = method.g_loss(g)
+    assert set(g_terms) == {"g_adv", "g_2c", "g_adc"}
+    e = g.out_fake.embeddings
+    torch.testing.assert_close(g_terms["g_2c"].double(), ref(e, d.embedding(2 * y_f), y_f))
+    torch.testing.assert_close(g_terms["g_adc"].double(), -ref(e, d.embedding(2 * y_f + 1), y_f))
+    # classify reads the real-class rows only: nearest of embedding(2c) over c
+    x = torch.randn(8, 3, S, S)
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(d(x, torch.zeros(8, dtype=torch.long)).embeddings, dim=1)
+        table = torch.nn.functional.normalize(d.embedding(2 * torch.arange(C)), dim=1)
+    assert d.classify(x).tolist() == (emb @ table.T).argmax(1).tolist()
+    with pytest.raises(ValueError, match="aux_cls_type"):
+        _method(tmp_path, aux_cls_type="ADC", d_cond_mtd="PD")
+    with pytest.raises(ValueError, match="aux_cls_type"):
+        _method(tmp_path, aux_cls_type="TAC")
+
+
+def test_adc_train_step_logs_its_terms(tmp_path):
+    torch.manual_seed(0)
+    method = _method(tmp_path, aux_cls_type="ADC")
+    models = method.build_models(method.cfg)
+    ctx = _Ctx(models, method.build_optimizers(method.cfg, models))
+    batch = (torch.rand(8, 3, S, S) * 2 - 1, torch.tensor([0, 1, 2, 3, 4, 2, 0, 1]))
+    logs = method.train_step(batch, 0, ctx)
+    assert set(logs) >= {"d_adc", "g_adc", "d_2c", "g_2c"} and all(torch.isfinite(v) for v in logs.values())
+
+
 def test_studiogan_2c_gradient_is_one_over_world_size(tmp_path):
     torch.manual_seed(0)
     grads, e0, p0 = {}, torch.randn(6, E), torch.randn(6, E)

@@ -16,8 +16,15 @@ Objective (paper Algorithm 1 / Eq. 8, as ``worker.py`` applies it):
     L_D = hinge(D(x), D(G(z, y'))) + lambda * 2C(e(x), p_y, y)              (real images, real labels)
     L_G = -mean D(G(z, y'))        + lambda * 2C(e(G(z, y')), p_y', y')     (fakes, their sampled labels)
 
-(with ``aux_cls_type = "ADC"`` StudioGAN would add fake terms to D; the ContraGAN configs do not.) The
-proxies get gradients only from D's loss: they are D parameters, frozen in the G step.
+The proxies get gradients only from D's loss: they are D parameters, frozen in the G step.
+
+ADC (``model.aux_cls_type = "ADC"``; StudioGAN ``ContraGAN-ADC.yaml``, after Hou et al.'s ADC-GAN): the
+proxy table has 2K rows, a real image of class y uses row 2y and a fake one row 2y + 1, and
+
+    L_D += lambda * 2C(e(G(z, y')), p_{2y'+1}, y')        L_G += -lambda * 2C(e(G(z, y')), p_{2y'+1}, y')
+
+(G's own 2C term uses the real-class rows 2y'), so D learns to tell "fake y" from "real y" and G is pushed
+away from what D calls fake of its class (``worker.py`` ``adc_fake_cond_loss``).
 
 Backbones (``model.backbone``, StudioGAN ``MODEL.backbone``): ``"big_resnet"`` (this module; every
 StudioGAN ContraGAN config) or ``"deep_conv"`` (StudioGAN's DCGAN, :mod:`text2image.deep_conv`, 32 px:
@@ -269,14 +276,18 @@ class ConditionalDiscriminator(nn.Module):
     (B, E) and ``proxies = embedding(y)`` (B, E); ``"PD"``: ``logits += <embedding(y), h>``; ``"W/O"``: none.
     A subclass builds its backbone, calls :meth:`_build_heads` and implements :meth:`features`."""
 
-    def _build_heads(self, num_classes: int, width: int, embed_dim: int, cond_mtd: str, sn: bool) -> None:
+    def _build_heads(self, num_classes: int, width: int, embed_dim: int, cond_mtd: str, sn: bool,
+                     adc: bool = False) -> None:
         if cond_mtd not in ("2C", "PD", "W/O"):
             raise ValueError(f"cond_mtd (model.d_cond_mtd) must be '2C', 'PD' or 'W/O', got {cond_mtd!r}")
-        self.cond_mtd, self.num_classes = cond_mtd, num_classes
+        if adc and cond_mtd != "2C":
+            raise ValueError(f"aux_cls_type 'ADC' is implemented for d_cond_mtd '2C' (ContraGAN-ADC), got {cond_mtd!r}")
+        self.cond_mtd, self.num_classes, self.adc = cond_mtd, num_classes, adc
         self.linear1 = snlinear(width, 1, sn=sn)
         if cond_mtd == "2C":
             self.linear2 = snlinear(width, embed_dim, sn=sn)
-            self.embedding = sn_embedding(num_classes, embed_dim, sn=sn)
+            # ADC (aux_cls_type "ADC"): 2K proxies, row 2y = real class y, row 2y + 1 = fake class y
+            self.embedding = sn_embedding(2 * num_classes if adc else num_classes, embed_dim, sn=sn)
         elif cond_mtd == "PD":
             self.embedding = sn_embedding(num_classes, width, sn=sn)
 
@@ -309,7 +320,7 @@ class ConditionalDiscriminator(nn.Module):
         """D's own reading of the class of each image (B,): the label its conditional head prefers.
 
         2C: the nearest proxy by cosine similarity of ``embeddings`` to every class's ``embedding(c)`` (what
-        the 2C loss pulls a real image's embedding towards); PD: the class whose projection ``<embedding(c),
+        the 2C loss pulls a real image's embedding towards; with ADC, among the real-class proxies); PD: the class whose projection ``<embedding(c),
         h>`` is largest (the only class-dependent term of the logit). A diagnostic: a D whose head reads real
         images near chance gives G no class signal, and its accuracy on G(z, y) against y says whether G
         satisfies D's class head. Uses the module's current mode (call ``eval()`` for stored SN vectors).
@@ -317,7 +328,8 @@ class ConditionalDiscriminator(nn.Module):
         if self.cond_mtd == "W/O":
             raise ValueError("an unconditional D (cond_mtd 'W/O') has no class head")
         out = self(images, torch.zeros(images.shape[0], dtype=torch.long, device=images.device))
-        table = self.embedding(torch.arange(self.num_classes, device=images.device))   # (K, E) or (K, C)
+        rows = torch.arange(self.num_classes, device=images.device)
+        table = self.embedding(2 * rows if self.adc else rows)     # (K, E) or (K, C)
         if self.cond_mtd == "2C":
             return (F.normalize(out.embeddings, dim=1) @ F.normalize(table, dim=1).T).argmax(1)
         return (out.features @ table.T).argmax(1)
@@ -336,12 +348,15 @@ class Discriminator(ConditionalDiscriminator):
         init: see :func:`text2image.layers.init_weights`.
         cond_mtd: ``"2C"`` (ContraGAN: embedding head + proxies), ``"PD"`` (projection: the label enters the
             logit) or ``"W/O"`` (unconditional); StudioGAN ``d_cond_mtd``.
+        adc: ``aux_cls_type == "ADC"``: 2 * num_classes proxies; callers pass ``2y`` for a real image of
+            class y and ``2y + 1`` for a fake one (big_resnet.py ``adc_fake``).
 
     Shapes: images (B, 3, S, S), y (B,) int64 -> :class:`DOutput`.
     """
 
     def __init__(self, num_classes: int = 10, channels: int = 96, embed_dim: int = 512, image_size: int = 32,
-                 attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho", cond_mtd: str = "2C"):
+                 attention_at: Optional[int] = 16, sn: bool = True, init: str = "ortho", cond_mtd: str = "2C",
+                 adc: bool = False):
         super().__init__()
         if image_size not in D_LAYOUT:
             raise ValueError(f"image_size must be one of {sorted(D_LAYOUT)}, got {image_size}")
@@ -358,7 +373,7 @@ class Discriminator(ConditionalDiscriminator):
         if attention_at is not None and self.attention is None:
             raise ValueError(f"attention_at={attention_at} is not a feature-map size of the {image_size} px D")
         self.blocks = nn.ModuleList(blocks)
-        self._build_heads(num_classes, channels * layout["out"][-1], embed_dim, cond_mtd, sn)
+        self._build_heads(num_classes, channels * layout["out"][-1], embed_dim, cond_mtd, sn, adc)
         init_weights(self, init)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -402,6 +417,7 @@ class ContraGANModelConfig:
     end_temperature: float = 1.0
     tempering_step: int = 1
     pos_collected_numerator: bool = True
+    aux_cls_type: Literal["N/A", "ADC"] = "N/A"   # ADC: D also tells fake class y from real class y (2C only)
     gather_distributed: bool = True       # 2C over the global batch under DDP (no-op on one process)
     two_c_grad: Literal["exact", "studiogan"] = "exact"   # multi-process 2C gradient (module docstring)
     diffaug: bool = False                 # AUG.apply_diffaug (diffaug_type "diffaug"): D sees DiffAugment(x)
@@ -539,6 +555,11 @@ class ContraGANMethod(GANMethod):
             raise ValueError(f"model.d_cond_mtd must be '2C', 'PD' or 'W/O', got {m.d_cond_mtd!r}")
         if m.backbone not in ("big_resnet", "deep_conv"):
             raise ValueError(f"model.backbone must be 'big_resnet' or 'deep_conv', got {m.backbone!r}")
+        if m.aux_cls_type not in ("N/A", "ADC"):
+            raise ValueError(f"model.aux_cls_type must be 'N/A' or 'ADC', got {m.aux_cls_type!r}")
+        if m.aux_cls_type == "ADC" and m.d_cond_mtd != "2C":
+            raise ValueError(f"model.aux_cls_type=ADC is implemented with model.d_cond_mtd=2C, got {m.d_cond_mtd!r}")
+        self.adc = m.aux_cls_type == "ADC"
         temperature_at(0, m.temperature, m.end_temperature, m.temperature_schedule, m.tempering_step,
                        max(1, cfg.train.max_steps))  # validates the schedule settings
         self.two_c = TwoC(temperature=m.temperature, pos_collected_numerator=m.pos_collected_numerator,
@@ -566,14 +587,14 @@ class ContraGANMethod(GANMethod):
             return {"g": DCGANGenerator(m.z_dim, self.num_classes, m.g_channels, m.image_size, m.attention_at,
                                         m.sn_g, m.init, m.latent, self.output_range),
                     "d": DCGANDiscriminator(self.num_classes, m.d_channels, m.embed_dim, m.image_size,
-                                            m.attention_at, m.sn_d, m.init, m.d_cond_mtd)}
+                                            m.attention_at, m.sn_d, m.init, m.d_cond_mtd, self.adc)}
         if not m.sn_d:
             raise ValueError("model.sn_d=false (StudioGAN apply_d_sn: False, a BatchNorm D) is implemented for "
                              "model.backbone=deep_conv only; big_resnet's D is spectral-normed")
         return {"g": Generator(m.z_dim, m.shared_dim, self.num_classes, m.g_channels, m.image_size,
                                m.attention_at, m.sn_g, m.init, m.latent, self.output_range),
                 "d": Discriminator(self.num_classes, m.d_channels, m.embed_dim, m.image_size, m.attention_at,
-                                   init=m.init, cond_mtd=m.d_cond_mtd)}
+                                   init=m.init, cond_mtd=m.d_cond_mtd, adc=self.adc)}
 
     def build_dataset(self, cfg: ContraGANConfig):
         return self._data()[0]
@@ -605,16 +626,23 @@ class ContraGANMethod(GANMethod):
 
     def d_forward(self, d: nn.Module, s: GANStep):
         """One D forward over ``cat[aug(real), aug(fake)]`` (StudioGAN ``train_discriminator``: reals and
-        fakes augmented by separate ``series_augment`` calls); without ``model.diffaug`` the base's."""
-        if self.aug is None:
-            return super().d_forward(d, s)
+        fakes augmented by separate ``series_augment`` calls; augmentation only with ``model.diffaug``).
+        With ADC the reals look up proxy ``2y`` and the fakes ``2y + 1`` (``adc_fake=True``)."""
         images = torch.cat([self.augment(s.real), self.augment(s.fake)])
-        out = self.discriminate(d, images, self.concat_conditions(s.cond_real, s.cond_fake))
+        cond_real, cond_fake = (2 * s.cond_real, 2 * s.cond_fake + 1) if self.adc else (s.cond_real, s.cond_fake)
+        out = self.discriminate(d, images, self.concat_conditions(cond_real, cond_fake))
         return self.split_output(out, s.real.shape[0])
 
     def g_forward(self, d: nn.Module, s: GANStep):
-        """``D(aug(G(z)))`` in G's update (StudioGAN ``train_generator``); ``D(G(z))`` without diffaug."""
-        return None, self.discriminate(d, self.augment(s.fake), s.cond_fake)
+        """``D(aug(G(z)))`` in G's update (StudioGAN ``train_generator``); ``D(G(z))`` without diffaug.
+        With ADC the output's proxies are the real-class rows ``2y`` and ``s.extras["adc_proxies"]`` the
+        fake-class rows ``2y + 1``: StudioGAN runs D a second time with ``adc_fake=True``, whose embeddings
+        are the same (they do not depend on the label), so only the proxy lookup is repeated."""
+        out = self.discriminate(d, self.augment(s.fake), 2 * s.cond_fake if self.adc else s.cond_fake)
+        if self.adc:
+            raw = s.ctx.unwrap("d") if s.ctx is not None else d
+            s.extras["adc_proxies"] = raw.embedding(2 * s.cond_fake + 1)
+        return None, out
 
     def _two_c(self, s: GANStep, out: DOutput, labels: torch.Tensor) -> torch.Tensor:
         m = self.cfg.model
@@ -628,13 +656,23 @@ class ContraGANMethod(GANMethod):
 
     def d_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
         """Hinge + ``lambda * 2C(e(x), p_y, y)`` on the reals with their real labels (hinge only for the
-        PD / W/O baselines)."""
+        PD / W/O baselines). ADC (``worker.py`` ``aux_cls_type == "ADC"``): also ``d_adc = lambda *
+        2C(e(G(z, y')), p_{2y'+1}, y')``, the fakes pulled to their fake-class proxies."""
         if self.cfg.model.d_cond_mtd != "2C":
             return super().d_loss(s)
-        return {**super().d_loss(s), "d_2c": self._two_c(s, s.out_real, s.cond_real)}
+        terms = {**super().d_loss(s), "d_2c": self._two_c(s, s.out_real, s.cond_real)}
+        if self.adc:
+            terms["d_adc"] = self._two_c(s, s.out_fake, s.cond_fake)
+        return terms
 
     def g_loss(self, s: GANStep) -> dict[str, torch.Tensor]:
-        """Hinge + ``lambda * 2C(e(G(z, y')), p_y', y')`` on the fakes with their sampled labels."""
+        """Hinge + ``lambda * 2C(e(G(z, y')), p_y', y')`` on the fakes with their sampled labels. ADC: the
+        proxies are the real-class rows, and ``g_adc = -lambda * 2C(e(G(z, y')), p_{2y'+1}, y')`` pushes the
+        fakes away from their fake-class proxies (``worker.py`` ``adc_fake_cond_loss``)."""
         if self.cfg.model.d_cond_mtd != "2C":
             return super().g_loss(s)
-        return {**super().g_loss(s), "g_2c": self._two_c(s, s.out_fake, s.cond_fake)}
+        terms = {**super().g_loss(s), "g_2c": self._two_c(s, s.out_fake, s.cond_fake)}
+        if self.adc:
+            fake_class = s.out_fake._replace(proxies=s.extras["adc_proxies"])
+            terms["g_adc"] = -self._two_c(s, fake_class, s.cond_fake)
+        return terms

@@ -134,13 +134,14 @@ class DCGANDiscriminator(ConditionalDiscriminator):
         num_classes, channels (c; StudioGAN 64), embed_dim (``d_embed_dim``), image_size (32 only),
         attention_at: 16, 8 or 4 (``attn_d_loc`` 1, 2, 3), None for none,
         sn: ``apply_d_sn`` (False: BatchNorm after every conv instead), init: ``d_init``,
-        cond_mtd: ``"2C"``, ``"PD"`` or ``"W/O"``.
+        cond_mtd: ``"2C"``, ``"PD"`` or ``"W/O"``; adc: ``aux_cls_type "ADC"`` (2K proxies, as the BigGAN D).
 
     Shapes: images (B, 3, 32, 32), y (B,) int64 -> :class:`text2image.contragan.DOutput`.
     """
 
     def __init__(self, num_classes: int = 10, channels: int = 64, embed_dim: int = 512, image_size: int = 32,
-                 attention_at: Optional[int] = None, sn: bool = True, init: str = "ortho", cond_mtd: str = "2C"):
+                 attention_at: Optional[int] = None, sn: bool = True, init: str = "ortho", cond_mtd: str = "2C",
+                 adc: bool = False):
         super().__init__()
         if image_size != _IMAGE_SIZE:
             raise ValueError(f"the DCGAN (deep_conv) backbone is 32 px only, got image_size={image_size}")
@@ -154,7 +155,7 @@ class DCGANDiscriminator(ConditionalDiscriminator):
         top = channels * DC_D_LAYOUT["top"]
         self.conv_top = snconv2d(channels * DC_D_LAYOUT["out"][-1], top, 3, 1, 1, sn=sn)
         self.bn_top = None if sn else nn.BatchNorm2d(top, eps=DC_BN_EPS)
-        self._build_heads(num_classes, top, embed_dim, cond_mtd, sn)
+        self._build_heads(num_classes, top, embed_dim, cond_mtd, sn, adc)
         init_weights(self, init)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
