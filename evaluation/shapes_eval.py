@@ -46,7 +46,7 @@ __all__ = ["ATTRIBUTES", "NOT_COMPARABLE", "ShapesClassifier", "ShapesEvaluator"
 
 NOT_COMPARABLE = ("shapes-classifier features (cmgen ShapesEvaluator), not Inception-v3: "
                   "not comparable with published FID")
-_VERSION = 1
+_VERSION = 2   # 2: the size head has small / large / huge (write_shapes(primary_size="huge"))
 _TRAIN_IMAGES = 3000
 _TRAIN_SEED = 20_261_202
 _EPOCHS = 6
@@ -215,6 +215,11 @@ class ShapesEvaluator:
             raise ValueError(f"train_images must be >= 80 and epochs >= 1, got {train_images} and {epochs}")
         ckpt = root / "evaluator" / f"shapes_cnn_{image_size}px.pt"
         recipe = {"train_images": int(train_images), "epochs": int(epochs)}
+        # the evaluator learns the data's own variant (a classifier of small shapes misreads huge ones);
+        # recorded only when not the default, so evaluators cached before the option stay valid
+        primary_size = data_info["config"].get("primary_size", "mixed")
+        if primary_size != "mixed":
+            recipe["primary_size"] = primary_size
         if rank() == 0 and not cls._valid(ckpt, recipe):
             cls._train_and_save(root, data_info, image_size, ckpt, recipe, progress)
         barrier()
@@ -245,12 +250,15 @@ class ShapesEvaluator:
 
         t0 = time.perf_counter()
         train_root = root / "evaluator" / f"train_{image_size}px"
+        from cmgen.data import writer_config
+
         max_shapes = int(data_info["config"].get("max_shapes", 2))
+        primary_size = recipe.get("primary_size", "mixed")
+        settings = dict(num_images=recipe["train_images"], image_size=image_size, seed=_TRAIN_SEED,
+                        max_shapes=max_shapes, val_fraction=0.125, captions_per_image=1, primary_size=primary_size)
         written = train_root / "dataset_info.json"
-        if not (written.is_file() and json.loads(written.read_text())["config"]["num_images"] == recipe["train_images"]):
-            write_shapes(train_root, num_images=recipe["train_images"], image_size=image_size, seed=_TRAIN_SEED,
-                         max_shapes=max_shapes, val_fraction=0.125, captions_per_image=1, overwrite=True,
-                         progress=progress)
+        if not (written.is_file() and json.loads(written.read_text())["config"] == writer_config("shapes", settings)):
+            write_shapes(train_root, **settings, overwrite=True, progress=progress)
         x_tr, y_tr, _ = load_split(train_root, "train", image_size)
         x_va, y_va, _ = load_split(train_root, "val", image_size)
         model = train_classifier(x_tr, y_tr, image_size, epochs=recipe["epochs"])
@@ -258,7 +266,7 @@ class ShapesEvaluator:
         val_acc = {name: float((logits[name].argmax(1) == y_va[name]).float().mean()) for name in ATTRIBUTES}
         _atomic_save({"version": _VERSION, "recipe": recipe, "model": model.state_dict(), "image_size": image_size,
                       "train_data": {"root": str(train_root), "num_train": len(x_tr), "num_val": len(x_va),
-                                     "seed": _TRAIN_SEED, "max_shapes": max_shapes},
+                                     "seed": _TRAIN_SEED, "max_shapes": max_shapes, "primary_size": primary_size},
                       "val_accuracy": val_acc, "val_features": feats.numpy().astype(np.float32),
                       "train_seconds": time.perf_counter() - t0}, ckpt)
 
@@ -350,9 +358,12 @@ class ShapesEvaluator:
             out[f"pred_class_fraction/{shape}"] = float((pred["shape"] == k).float().mean())
         val = self.info["val_accuracy"]
         out["real/class_accuracy"] = val["shape"]
+        from cmgen.data.shapes import sizes_of
+        used = {**{k: len(v) for k, v in ATTRIBUTES.items()},   # a variant draws only some of the sizes
+                "size": len(sizes_of(self.info["train_data"].get("primary_size", "mixed")))}
         for name in ATTRIBUTES:
             out[f"real/attr_accuracy/{name}"] = val[name]
-            out[f"chance/{name}"] = 1.0 / len(ATTRIBUTES[name])
+            out[f"chance/{name}"] = 1.0 / used[name]
         out["real/shapes_fd_val_vs_train"] = float(self.info["real_val_fd"])
         out["real/num_val_images"] = int(self.info["train_data"]["num_val"])
         return out

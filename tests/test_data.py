@@ -202,9 +202,41 @@ def test_shapes_primary_size_large(tmp_path, max_shapes):
             assert lit[1].sum() > 1.8 * lit[0].sum()
 
 
+@pytest.mark.parametrize("max_shapes", [1, 3])
+def test_shapes_primary_size_huge(tmp_path, max_shapes):
+    kw = {**_GOLDEN_KW, "max_shapes": max_shapes}
+    write_shapes(tmp_path / "mixed", **kw)
+    info = write_shapes(tmp_path / "huge", primary_size="huge", **kw)
+    assert info["config"]["primary_size"] == "huge"
+    mixed, huge = _records(tmp_path / "mixed"), _records(tmp_path / "huge")
+    assert sorted(r["label"] for r in mixed) == sorted(r["label"] for r in huge)   # balanced the same way
+    for a, b in zip(mixed, huge):
+        # the class object alone, huge and centred; with one object per image from the same draws as
+        # the default data (same class, shape and colour)
+        p = b["objects"][0]
+        assert len(b["objects"]) == 1 and (p["size"], p["cell"], p["position"]) == ("huge", 4, "center")
+        assert p["shape"] == b["label_name"]
+        if max_shapes == 1:
+            assert (b["label"], p["colour"]) == (a["label"], a["objects"][0]["colour"])
+        assert all("huge" in c and "center" in c for c in b["captions"])
+        # its box spans more than half the image and stays inside it
+        size = kw["image_size"]
+        x, y, w, h = p["bbox"]
+        assert w > 0.5 * size and h > 0.5 * size
+        assert x >= 0 and y >= 0 and x + w <= size and y + h <= size
+        # the pixels: only the object's colour is lit, and it fills much of the image
+        split = b["file_name"].split("_")[0]
+        img = np.asarray(Image.open(tmp_path / "huge" / split / b["file_name"])).astype(np.float64)
+        lit = img.max(axis=2) > 60
+        assert lit.mean() > 0.15            # a lone large object: < 0.07
+        cx, cy = (int(round(v)) for v in p["center"])
+        rgb = img[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(axis=0)   # inside every shape
+        assert np.abs(rgb - np.asarray(COLOURS[p["colour"]])).max() < 30
+
+
 def test_shapes_primary_size_bad_value_and_reuse(tmp_path):
-    with pytest.raises(ValueError, match="primary_size.*'huge'"):
-        write_shapes(tmp_path / "bad", primary_size="huge", progress=False)
+    with pytest.raises(ValueError, match="primary_size.*'giant'"):
+        write_shapes(tmp_path / "bad", primary_size="giant", progress=False)
     kw = dict(num_images=6, val_fraction=0.0, progress=False)
     write_shapes(tmp_path / "d", **kw)
     write_shapes(tmp_path / "d", primary_size="mixed", **kw)           # the same dataset: rewritten

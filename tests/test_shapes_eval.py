@@ -92,3 +92,19 @@ def test_demo_stage_reports_real_references(tmp_path, monkeypatch):
     text = "\n".join(report)
     assert "not comparable with published FID" in text and "| chance |" in text
     assert 0.0 <= summary["shapes_evaluator"]["class_accuracy"] <= 1.0
+
+
+def test_evaluator_learns_the_data_variant(tmp_path, evaluator):
+    """A root of huge shapes gets an evaluator trained on huge shapes (one of small shapes misreads them):
+    the recipe and training data record the variant, the size chance is 1/1, and huge val images are
+    read far better than the default data's evaluator reads them."""
+    root = tmp_path / "shapes_32px_huge"
+    write_shapes(root, num_images=160, image_size=32, seed=0, max_shapes=1, primary_size="huge", progress=False)
+    ev = ShapesEvaluator.load_or_train(root, 32, **RECIPE)
+    assert ev.info["recipe"] == {**RECIPE, "primary_size": "huge"}
+    assert ev.info["train_data"]["primary_size"] == "huge"
+    assert "primary_size" not in evaluator.info["recipe"]          # default data: the recipe of before
+    x, y, _ = load_split(root, "val", 32)
+    own, default = ev.evaluate(x, labels=y["shape"]), evaluator.evaluate(x, labels=y["shape"])
+    assert own["chance/size"] == 1.0 and default["chance/size"] == 0.5
+    assert own["class_accuracy"] >= 0.9 and own["class_accuracy"] > default["class_accuracy"] + 0.2

@@ -448,7 +448,7 @@ class ClassImageDataConfig:
     seed: int = 0
     hflip: bool = True
     max_shapes: int = 2
-    primary_size: Literal["mixed", "large"] = "mixed"
+    primary_size: Literal["mixed", "large", "huge"] = "mixed"
 
 
 ShapesClassDataConfig = ClassImageDataConfig  # earlier name

@@ -15,9 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shapes", type=int, default=2, help="1..N shapes per image (N <= 9)")
-    p.add_argument("--primary-size", default="mixed", choices=("mixed", "large"),
+    p.add_argument("--primary-size", default="mixed", choices=("mixed", "large", "huge"),
                    help="size of the class (primary) object: mixed = a lone object small or large at random, "
-                        "large = always large")
+                        "large = always large, huge = alone in the image, centred, about 3/4 of its side")
     p.add_argument("--val-fraction", type=float, default=0.125, help="share of images in the val split")
     p.add_argument("--captions-per-image", type=int, default=5)
     _common(p)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .common import FORMAT_VERSION, INFO_FILE, prepare_out_dir, write_json, write_text, writer_config
 
 __all__ = ["SHAPES", "COLOURS", "SIZES", "POSITIONS", "TEMPLATES", "PRIMARY_SIZES", "render_shapes",
-           "write_shapes"]
+           "write_shapes", "sizes_of"]
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 # Saturated, mutually distinct colours that stay distinct after downsampling to 32 px.
@@ -57,7 +57,7 @@ COLOURS = {
     "white": (235, 235, 235),
 }
 # Radius (centre to farthest point) as a fraction of a grid cell.
-SIZES = {"small": 0.26, "large": 0.44}
+SIZES = {"small": 0.26, "large": 0.44, "huge": 1.1}
 # Row-major 3x3 grid: cell index = 3 * row + column.
 POSITIONS = ("top left", "top middle", "top right",
              "middle left", "center", "middle right",
@@ -71,8 +71,9 @@ TEMPLATES = (
     {"part": "a {colour} {shape} of {size} size in the {position}", "whole": "a black picture with {objects}"},
 )
 # ``write_shapes(primary_size=...)``: "mixed" (default) = a lone object is small or large at random,
-# "large" = the primary (class) object is always large.
-PRIMARY_SIZES = ("mixed", "large")
+# "large" = the primary (class) object is always large, "huge" = the class object alone, centred, spanning
+# about 3/4 of the image (radius 1.1 cells = 0.37 of the image side).
+PRIMARY_SIZES = ("mixed", "large", "huge")
 _SUPERSAMPLE = 4
 _IMAGE_SIZES = (32, 64, 128)
 
@@ -153,7 +154,23 @@ def _sample_objects(rng: np.random.Generator, primary_shape: int, max_shapes: in
         offset = [round(float(v), 4) for v in rng.uniform(-slack, slack, size=2)]
         objects.append({"shape": shape, "colour": colour, "size": size, "cell": int(cells[i]),
                         "position": POSITIONS[int(cells[i])], "offset": offset})
+    if primary_size == "huge":
+        # the default's draws for this image, then only the class object is kept, moved to the centre cell
+        # and enlarged (its jitter rescaled to the image's slack); with max_shapes 1 the whole dataset
+        # matches the default one object for object, else the captions' draws differ from the next image on
+        primary = objects[0]
+        slack = 0.8 * (1.5 - SIZES["huge"])
+        scale = slack / max(0.8 * (0.5 - SIZES[primary["size"]]), 1e-9)
+        primary.update(size="huge", cell=4, position=POSITIONS[4],
+                       offset=[round(v * scale, 4) for v in primary["offset"]])
+        objects = [primary]
     return objects
+
+
+def sizes_of(primary_size: str) -> list[str]:
+    """The size names the objects of a ``primary_size`` variant take: small and large, or huge alone (so the
+    default data's files are the same bytes as before the huge variant existed)."""
+    return ["huge"] if primary_size == "huge" else ["small", "large"]
 
 
 def _captions(rng: np.random.Generator, objects: list[dict[str, Any]], n: int) -> list[str]:
@@ -250,7 +267,7 @@ def write_shapes(out_dir: str | os.PathLike, num_images: int = 512, image_size: 
                      "version": str(FORMAT_VERSION)},
             "licenses": [], "images": coco_images, "annotations": coco_annotations})
         write_json(root / attributes_rel, {
-            "classes": list(SHAPES), "colours": COLOURS, "sizes": list(SIZES), "positions": list(POSITIONS),
+            "classes": list(SHAPES), "colours": COLOURS, "sizes": sizes_of(primary_size), "positions": list(POSITIONS),
             "image_size": image_size, "images": records})
         files["captions"][split] = captions_rel
         files["attributes"][split] = attributes_rel
