@@ -267,7 +267,7 @@ def _contragan_run(out: Path, report: list[str], summary: dict, budget_s: float)
     """ContraGAN's plain training run (loss curves, one row of EMA samples per class)."""
     steps = max(2, int(budget_s / 0.5))
     _train_and_report(out, PROJECT_ROOT / "configs" / "contragan" / "shapes.yaml", "contragan", steps, [],
-                      "ContraGAN on shapes", "BigGAN-style class-conditional GAN with the 2C loss; one row of "
+                      "ContraGAN on shapes", "class-conditional DCGAN with the 2C loss; one row of "
                       "EMA-generator samples per shape class.", report, summary)
 
 

@@ -244,7 +244,8 @@ def test_shapes_gan_quality_bench_smoke(tmp_path, monkeypatch, capsys):
     assert "| seed | steps | CPU-s | wall-s | confident | classes_covered |" in out and "| class acc |" in out
     assert out.count("| mean |") == 2 and len(jsonl.read_text().splitlines()) == 2
     # 40 images under the GAN demo's folder for their settings, not the default shapes_32px of another size
-    assert (tmp_path / "o" / "data" / "shapes_32px_n40_s0").is_dir()
+    assert (tmp_path / "o" / "data" / "shapes_32px_n40_s0").is_dir()              # ContraD: default data
+    assert (tmp_path / "o" / "data" / "shapes_32px_n40_s0_m1_huge").is_dir()      # ContraGAN: huge shapes
     assert not (tmp_path / "o" / "data" / "shapes_32px").exists()
     # --curve scores every kept checkpoint (steps 2 and 4), --plot draws them
     png = tmp_path / "curve.png"

@@ -41,7 +41,12 @@ def test_demo_stage_tiny_budget(tmp_path):
         # enlarged 4x; one row per class (5 shapes) or 5 rows, 10 samples a row, 32 px + 2 px padding
         assert img.size == (4 * (10 * 34 + 2), 4 * (5 * 34 + 2))
     assert "rows, top to bottom: circle, square, triangle, diamond, star" in text
-    assert 0.0 <= g["real"]["class_accuracy"] <= 1.0 and g["chance"]["class_accuracy"] == 0.2
+    # one evaluator and ceiling per data variant: ContraGAN's huge shapes, ContraD's default data
+    assert set(g["real"]) == {r["data"] for r in g["runs"].values()}
+    assert g["runs"]["contragan"]["data"] != g["runs"]["contrad"]["data"]
+    for root_name, real in g["real"].items():
+        assert 0.0 <= real["class_accuracy"] <= 1.0 and f"| real val images of `{root_name}` (ceiling" in text
+    assert g["chance"]["class_accuracy"] == 0.2
     assert "ContraGAN" in g["verdict"] and "ContraD" in g["verdict"]
     assert (tmp_path / "gan_losses.png").is_file()
 
@@ -72,15 +77,16 @@ def test_shapes_data_root_separates_max_shapes_variants(tmp_path):
     from text2image.gan_demo import PROJECT_ROOT, shapes_data_root
 
     path = PROJECT_ROOT / "configs" / "contragan" / "shapes.yaml"
-    base = ["data.num_images=512", "data.seed=0"]
+    base = ["data.num_images=512", "data.seed=0", "data.primary_size=mixed", "data.max_shapes=2"]  # config: 1, huge
     assert shapes_data_root(tmp_path, load_config(path, [*base, "data.max_shapes=2"])) == tmp_path / "data" / "shapes_32px"
     one = shapes_data_root(tmp_path, load_config(path, [*base, "data.max_shapes=1"]))
     assert one == tmp_path / "data" / "shapes_32px_n512_s0_m1"
-    assert shapes_data_root(tmp_path, load_config(path, ["data.num_images=256", "data.max_shapes=2"])).name == \
-        "shapes_32px_n256_s0"
+    assert shapes_data_root(tmp_path, load_config(path, ["data.num_images=256", "data.max_shapes=2",
+                                                         "data.primary_size=mixed"])).name == "shapes_32px_n256_s0"
     large = ["data.primary_size=large"]               # the large-object variant: its own folder
     assert shapes_data_root(tmp_path, load_config(path, [*base, *large])) == tmp_path / "data" / "shapes_32px_n512_s0_large"
     assert shapes_data_root(tmp_path, load_config(path, [*base, *large, "data.max_shapes=1"])).name == \
         "shapes_32px_n512_s0_m1_large"
     assert shapes_data_root(tmp_path, load_config(path, [*base, "data.primary_size=mixed"])) == \
         tmp_path / "data" / "shapes_32px"
+    assert shapes_data_root(tmp_path, load_config(path, [])).name == "shapes_32px_n256_s0_m1_huge"   # the config's
