@@ -45,7 +45,7 @@ def test_demo_stage_tiny_budget(tmp_path):
     assert set(g["real"]) == {r["data"] for r in g["runs"].values()}
     assert g["runs"]["contragan"]["data"] != g["runs"]["contrad"]["data"]
     for root_name, real in g["real"].items():
-        assert 0.0 <= real["class_accuracy"] <= 1.0 and f"| real val images of `{root_name}` (ceiling" in text
+        assert 0.0 <= real["class_accuracy"] <= 1.0 and f"| real val images, `{root_name}` (ceiling" in text
     assert g["chance"]["class_accuracy"] == 0.2
     assert "ContraGAN" in g["verdict"] and "ContraD" in g["verdict"]
     assert (tmp_path / "gan_losses.png").is_file()
