@@ -69,6 +69,13 @@ def test_verdict_needs_a_margin_beyond_noise():
     # two binomial standard errors of 500 samples: 0.55 vs 0.50 is noise, 0.60 vs 0.50 is not
     assert "within noise of its plain baseline on confident" in _verdict(runs(0.2, 0.2, 1, 1, 0.55, 0.50))
     assert "beats its plain baseline on confident" in _verdict(runs(0.2, 0.2, 1, 1, 0.60, 0.50))
+    # a higher share on fewer shapes is a collapse: the criterion (>= 60% with all 5) decides first
+    collapsed = runs(0.2, 0.2, 1, 1, 0.87, 1.00)
+    collapsed["contrad-std"]["classes_covered"] = 1
+    assert "ContraD beats its plain baseline on confident share (87% with 5 classes vs 100% with 1; only the " \
+        "first meets" in _verdict(collapsed)
+    collapsed["contrad"]["classes_covered"] = 4                    # neither meets it: the shares decide
+    assert "ContraD is behind its plain baseline on confident" in _verdict(collapsed)
 
 
 def test_shapes_data_root_separates_max_shapes_variants(tmp_path):
