@@ -436,8 +436,9 @@ class ClassImageDataConfig:
     folder tree such as Tiny ImageNet's or ImageNet's train split, resized to the model's image size).
     ``hflip``: random horizontal flip (StudioGAN ``apply_rflip``). ``max_shapes`` (shapes only): each
     image has 1..max_shapes objects (``write_shapes``; 2 = the default data, 1 = the class object alone,
-    small or large at random); ``primary_size`` (shapes only): ``"mixed"`` (the default data) or
-    ``"large"`` (``write_shapes(primary_size="large")``: the class object is always large). The default
+    small or large at random); ``primary_size`` (shapes only): ``"mixed"`` (the default data),
+    ``"large"`` (``write_shapes(primary_size="large")``: the class object is always large) or ``"huge"``
+    (the class object alone, centred, about 3/4 of the image side; configs/contragan/shapes.yaml). The default
     root is :func:`shapes_dir_name` (``shapes_<image_size>px`` for 512 images of data seed 0, else with
     ``_n<num_images>_s<seed>`` and :func:`shapes_variant_suffix`: ``_m1``, ``_large``, ...).
     """
@@ -467,8 +468,8 @@ def _random_hflip(x: torch.Tensor) -> torch.Tensor:
 
 def shapes_variant_suffix(d: ClassImageDataConfig) -> str:
     """The folder-name tag of a shapes data variant: ``""`` for the default data (1..2 objects per image,
-    primary size mixed), else ``"_m<max_shapes>"`` when max_shapes is not 2 followed by ``"_large"`` when
-    primary_size is large, so that two variants never share a default root."""
+    primary size mixed), else ``"_m<max_shapes>"`` when max_shapes is not 2 followed by ``"_<primary_size>"``
+    when it is not mixed (``_large``, ``_huge``), so that two variants never share a default root."""
     return (("" if d.max_shapes == 2 else f"_m{d.max_shapes}")
             + ("" if d.primary_size == "mixed" else f"_{d.primary_size}"))
 

@@ -243,7 +243,6 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
         for k, v in _curves(result.run_dir).items():
             curves[f"{name}: {k}"] = v
 
-
     def cell(r: dict, key: str, fmt: str = "{:.2f}") -> str:
         return fmt.format(r[key]) if key in r else "–"
 

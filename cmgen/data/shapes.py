@@ -9,7 +9,9 @@ unique largest object: a single object is small or large at random; with several
 is large and the others are small, so the class of an image is never ambiguous. ``primary_size="large"``
 (opt-in) makes a single object large too, so every class object is large; the random draws are the
 same as the default's (the size draw is made and then overridden), so the two variants share shapes,
-colours, cells and captions' order, and differ only in the sizes (and jitter range) of single objects. Primary shapes are
+colours, cells and captions' order, and differ only in the sizes (and jitter range) of single objects.
+``primary_size="huge"`` keeps only the class object, moved to the centre and enlarged to a radius of 1.1
+cells (0.37 of the image side; size name ``huge``). Primary shapes are
 balanced within each split (every class appears in every split, which ``torchvision`` ImageFolder
 requires).
 
@@ -299,6 +301,7 @@ def _readme(config: dict[str, Any], split_sizes: dict[str, int]) -> str:
         "Each image has 1..max_shapes shapes on black, one per cell of a 3x3 grid "
         f"({', '.join(POSITIONS)}); shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; sizes "
         "small/large. The ImageFolder class is the shape of the primary object (`objects[0]`), the unique "
-        "largest one" + (" (always large here: primary_size large)" if config.get("primary_size") == "large"
-                         else "") + ".\n\nLayout:\n\n```\n" + textwrap.dedent(doc).strip("\n") + "\n```\n"
+        "largest one" + {"large": " (always large here: primary_size large)",
+                         "huge": " (here the only one, centred and huge: primary_size huge)"}.get(
+                             config.get("primary_size"), "") + ".\n\nLayout:\n\n```\n" + textwrap.dedent(doc).strip("\n") + "\n```\n"
     )
