@@ -670,8 +670,15 @@ def test_shapes_primary_size_option_writes_that_data(tmp_path):
     assert "primary_size" not in info["config"]
     path = Path(__file__).resolve().parents[1] / "configs" / "contragan" / "shapes.yaml"
     assert load_config(path, ["data.primary_size=large"]).data.primary_size == "large"
+    assert load_config(path, []).data.primary_size == "huge"        # the shapes config's own data
     with pytest.raises(ConfigError, match="primary_size"):
-        load_config(path, ["data.primary_size=huge"])
+        load_config(path, ["data.primary_size=giant"])
+    cfg.data.primary_size = "huge"
+    assert shapes_variant_suffix(cfg.data) == "_m1_huge"
+    build_class_image_dataset(cfg, 32, (-1.0, 1.0))
+    records = json.loads((tmp_path / "data" / "shapes_32px_n40_s0_m1_huge" / "annotations" /
+                          "attributes_train.json").read_text())["images"]
+    assert all(len(r["objects"]) == 1 and r["objects"][0]["size"] == "huge" for r in records)
 
 
 def test_shapes_default_root_is_per_setting_and_a_mismatch_is_named(tmp_path, capsys):

@@ -186,3 +186,41 @@ def test_engine_two_steps_deep_conv(tmp_path):
     result = train(cfg)
     assert result.step == 2 and all(k in result.metrics for k in ("d_2c", "g_2c", "d_adv", "g_adv"))
     assert (result.run_dir / "samples" / "step_000002.png").stat().st_size > 0
+
+
+def test_eval_refresh_is_idempotent_until_the_weights_change():
+    """eval() twice gives the sigma of eval() once (diffusers' from_pretrained calls eval(), then the
+    sampler does); a weight update makes the next eval() refresh again."""
+    import copy
+
+    torch.manual_seed(0)
+    g = DCGANGenerator(z_dim=16, num_classes=5, channels=4, sn=True)
+    z, y = torch.randn(4, 16), torch.arange(4)
+    g(z, y)                                                    # one train-mode power iteration
+    once, twice = copy.deepcopy(g).eval(), copy.deepcopy(g).eval().eval()
+    for (name, a), (_, b) in zip(once.state_dict().items(), twice.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        twice.deconvs[0].parametrizations.weight.original.mul_(1.5)
+    u = twice.deconvs[0].parametrizations.weight[0]._u.clone()
+    twice.eval()
+    assert not torch.equal(u, twice.deconvs[0].parametrizations.weight[0]._u)   # refreshed on the new weight
+
+
+def test_a_deep_copy_refreshes_on_its_own_tensors():
+    """The refresh record travels with a deep copy (the EMA's), but the copy's tensors are new: its eval()
+    still runs the power method on them."""
+    import copy
+
+    torch.manual_seed(0)
+    g = DCGANGenerator(z_dim=16, num_classes=5, channels=4, sn=True).eval()
+    ema = copy.deepcopy(g).train()
+    with torch.no_grad():
+        for a, b in zip(ema.parameters(), g.parameters()):
+            a.copy_(b * 1.3)                                   # one in-place write per tensor, as an EMA update
+        for (_, a), (_, b) in zip(ema.named_buffers(), g.named_buffers()):
+            a.copy_(b)
+    sn = ema.deconvs[0].parametrizations.weight[0]
+    u = sn._u.clone()
+    ema.eval()
+    assert not torch.equal(u, sn._u)

@@ -43,34 +43,56 @@ def test_same_seed_same_images_and_batch_size_independent(tiny_gan_run):
         _images(lg, 2, 0, prompts=["a red circle"])
 
 
-def test_export_then_generate_gives_the_run_images(tiny_gan_run, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_biggan_run(tmp_path_factory):
+    """2 steps of the ContraGAN shapes config with the BigGAN backbone (the config's own is DCGAN)."""
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import train
+    from tests.conftest import GAN_CONFIG
+
+    out = tmp_path_factory.mktemp("biggan")
+    cfg = load_config(GAN_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2",
+                                   "train.sample_every=0", "train.checkpoint_every=2", "train.progress_bar=false",
+                                   "train.trackers=[]", "data.num_images=64", "train.batch_size=8",
+                                   "ema.start_step=0", "model.backbone=big_resnet", "model.g_channels=4",
+                                   "model.attention_at=16"])
+    return train(cfg).run_dir
+
+
+@pytest.mark.parametrize("run, cls", [("tiny_gan_run", "text2image.deep_conv:DCGANGenerator"),
+                                      ("tiny_biggan_run", "text2image.contragan:Generator")])
+def test_export_then_generate_gives_the_run_images(run, cls, tmp_path, request):
+    import importlib
+
+    run_dir = request.getfixturevalue(run)
     exported = tmp_path / "exported"
-    assert main(["export", str(tiny_gan_run), "--out", str(exported)]) == 0
+    assert main(["export", str(run_dir), "--out", str(exported)]) == 0
     meta = json.loads((exported / EXPORT_META).read_text())
-    assert meta["class"] == "text2image.contragan:Generator" and meta["source"]["weights"] == "ema"
+    assert meta["class"] == cls and meta["source"]["weights"] == "ema"
     assert (exported / "config.json").is_file() and any(exported.glob("*.safetensors"))
-    from text2image.contragan import Generator
-    assert isinstance(Generator.from_pretrained(str(exported)), Generator)
+    module, name = cls.split(":")
+    generator_class = getattr(importlib.import_module(module), name)
+    assert isinstance(generator_class.from_pretrained(str(exported)), generator_class)
     with pytest.raises(ValueError, match="not empty"):
-        _run(export_cli, [str(tiny_gan_run), "--out", str(exported)])
+        _run(export_cli, [str(run_dir), "--out", str(exported)])
 
     # the export holds the checkpoint's own tensors (spectral-norm u, v as trained, not as eval() refreshed
     # them on loading), so loading it and calling eval() repeats the checkpoint's power iterations exactly
     from safetensors.torch import load_file
     saved = {k: v for f in sorted(exported.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    stored = generate_cli.checkpoint_generator_state(resolve_checkpoint(tiny_gan_run), ema=True)
+    stored = generate_cli.checkpoint_generator_state(resolve_checkpoint(run_dir), ema=True)
     assert saved.keys() == stored.keys() and any(k.endswith("_u") for k in saved), sorted(saved)[:8]
     for k in saved:
         assert torch.equal(saved[k], stored[k]), k
 
-    from_run = _images(load_generator(tiny_gan_run), 5, 7, class_id=2)
+    from_run = _images(load_generator(run_dir), 5, 7, class_id=2)
     from_export = _images(load_generator(exported), 5, 7, class_id=2)
     torch.testing.assert_close(from_export, from_run, rtol=1e-5, atol=1e-6)
 
     grid, grid2, single = tmp_path / "g.png", tmp_path / "g2.png", tmp_path / "single"
     assert main(["generate", str(exported), "--n", "4", "--class", "square", "--seed", "3", "--out", str(grid),
                  "--out-dir", str(single), "--device", "cpu"]) == 0
-    assert main(["generate", str(resolve_checkpoint(tiny_gan_run)), "--n", "4", "--class", "1", "--seed", "3",
+    assert main(["generate", str(resolve_checkpoint(run_dir)), "--n", "4", "--class", "1", "--seed", "3",
                  "--out", str(grid2), "--device", "cpu"]) == 0
     a, b = np.asarray(Image.open(grid)), np.asarray(Image.open(grid2))
     assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
@@ -78,7 +100,7 @@ def test_export_then_generate_gives_the_run_images(tiny_gan_run, tmp_path):
     with pytest.raises(ValueError, match="neither an index nor one of the class names"):
         _run(generate_cli, [str(exported), "--class", "hexagon", "--out", str(grid)])
     with pytest.raises(ValueError, match="no 'best' checkpoint"):
-        resolve_checkpoint(tiny_gan_run, "best")
+        resolve_checkpoint(run_dir, "best")
 
 
 def test_text_conditioned_protocol_passes_prompts():

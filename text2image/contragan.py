@@ -128,7 +128,10 @@ def refresh_spectral_norm(module: nn.Module, n_power_iterations: int = EVAL_POWE
     StudioGAN avoids this by sampling with every conv / linear / embedding in train mode
     (``utils/misc.py`` ``GeneratorController.prepare_generator`` -> ``set_deterministic_op_trainable``): one
     power iteration per sampling forward, which over an evaluation converges to what this gives once.
-    Returns ``module``.
+    Idempotent: a layer whose weight, ``u`` and ``v`` are the same tensors, unchanged since its last refresh
+    (identity and version counters), is skipped, so ``eval()`` twice (diffusers' ``from_pretrained`` calls it, then the sampler)
+    gives the sigma of ``eval()`` once; without it a slowly converging layer (the DCGAN's deconvolutions)
+    moved by 1e-4 between the two paths. Returns ``module``.
     """
     for m in module.modules():
         if not parametrize.is_parametrized(m, "weight"):
@@ -136,7 +139,14 @@ def refresh_spectral_norm(module: nn.Module, n_power_iterations: int = EVAL_POWE
         weight = m.parametrizations["weight"].original
         for p in m.parametrizations["weight"]:
             if isinstance(p, _SpectralNorm) and weight.ndim > 1:
+                # tensor identities too: a deep copy (an EMA) carries this record but has new tensors
+                def state():
+                    return (id(weight), weight._version, id(p._u), p._u._version, id(p._v), p._v._version,
+                            n_power_iterations)
+                if getattr(p, "_cmgen_refreshed", None) == state():
+                    continue
                 p._power_method(p._reshape_weight_to_matrix(weight), n_power_iterations)
+                p._cmgen_refreshed = state()
     return module
 
 
