@@ -85,18 +85,23 @@ GAN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "contragan" / "sh
 XMC_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xmcgan" / "shapes.yaml"
 
 
-@pytest.fixture(scope="session")
-def tiny_gan_run(tmp_path_factory):
-    """2 steps of the ContraGAN shapes config (EMA on from step 0), one checkpoint."""
+def train_tiny_gan(out: Path, overrides: list[str] = ()) -> Path:
+    """2 steps of the ContraGAN shapes config (EMA on from step 0) under ``out``, one checkpoint; the run
+    directory."""
     from cmgen.engine.registry import load_config
     from cmgen.engine.trainer import train
 
-    out = tmp_path_factory.mktemp("gan")
     cfg = load_config(GAN_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2",
                                    "train.sample_every=0", "train.checkpoint_every=2", "train.log_every=1",
                                    "train.progress_bar=false", "train.trackers=[]", "data.num_images=64",
-                                   "gan.n_dis=1", "train.batch_size=8", "ema.start_step=0"])
+                                   "gan.n_dis=1", "train.batch_size=8", "ema.start_step=0", *overrides])
     return train(cfg).run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_gan_run(tmp_path_factory):
+    """2 steps of the ContraGAN shapes config (its DCGAN backbone), one checkpoint."""
+    return train_tiny_gan(tmp_path_factory.mktemp("gan"))
 
 
 @pytest.fixture(scope="session")

@@ -46,17 +46,10 @@ def test_same_seed_same_images_and_batch_size_independent(tiny_gan_run):
 @pytest.fixture(scope="module")
 def tiny_biggan_run(tmp_path_factory):
     """2 steps of the ContraGAN shapes config with the BigGAN backbone (the config's own is DCGAN)."""
-    from cmgen.engine.registry import load_config
-    from cmgen.engine.trainer import train
-    from tests.conftest import GAN_CONFIG
+    from tests.conftest import train_tiny_gan
 
-    out = tmp_path_factory.mktemp("biggan")
-    cfg = load_config(GAN_CONFIG, [f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2",
-                                   "train.sample_every=0", "train.checkpoint_every=2", "train.progress_bar=false",
-                                   "train.trackers=[]", "data.num_images=64", "train.batch_size=8",
-                                   "ema.start_step=0", "model.backbone=big_resnet", "model.g_channels=4",
-                                   "model.attention_at=16"])
-    return train(cfg).run_dir
+    return train_tiny_gan(tmp_path_factory.mktemp("biggan"), ["model.backbone=big_resnet", "model.g_channels=4",
+                                                              "model.attention_at=16"])
 
 
 @pytest.mark.parametrize("run, cls", [("tiny_gan_run", "text2image.deep_conv:DCGANGenerator"),
