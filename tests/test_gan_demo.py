@@ -1,6 +1,8 @@
 """The demo's GAN stage (text2image/gan_demo.py): four short runs, scored, gridded and reported."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -97,3 +99,24 @@ def test_shapes_data_root_separates_max_shapes_variants(tmp_path):
     assert shapes_data_root(tmp_path, load_config(path, [*base, "data.primary_size=mixed"])) == \
         tmp_path / "data" / "shapes_32px"
     assert shapes_data_root(tmp_path, load_config(path, [])).name == "shapes_32px_n256_s0_m1_huge"   # the config's
+
+
+@pytest.mark.slow
+def test_parallel_runs_match_their_configs_and_a_failure_names_its_log(tmp_path):
+    """Two `cmgen train` processes at a time: each run lands in its own directory with the asked steps; a
+    run that fails inside its process raises with its log's path and tail."""
+    import json
+
+    from text2image.gan_demo import _run_overrides, _train_all
+
+    tiny = ["data.num_images=40", "train.batch_size=4"]
+    jobs = [("contragan/shapes.yaml", _run_overrides(n, "contragan/shapes.yaml", tiny, tmp_path, 2, []))
+            for n in ("a", "b")]
+    done = _train_all(jobs, workers=2)
+    assert [Path(d).name for d, _ in done] == ["gan-a", "gan-b"] and all(s > 0 for _, s in done)
+    for d, _ in done:
+        steps = [json.loads(line)["step"] for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        assert max(steps) == 2 and (Path(d).parent / (Path(d).name + ".log")).is_file()
+    bad = ("contragan/shapes.yaml", _run_overrides("c", "contragan/shapes.yaml", ["data.num_images=3"], tmp_path, 2, []))
+    with pytest.raises(RuntimeError, match=r"gan-c failed \(exit [1-9]\d*\); the end of .*gan-c\.log"):
+        _train_all([jobs[0], bad], workers=2)

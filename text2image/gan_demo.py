@@ -15,6 +15,8 @@ Four runs on the embedded shapes data (32 px), each scored by the offline shapes
 A short probe of each config measures its speed and fixed cost; every run then gets the same share
 of its config's ``train.max_steps`` so that all four fit ``budget_s`` (the configs are tuned to learn
 within their ``max_steps``; a smaller budget trains less and says so). EMA start steps scale with it.
+On a CPU-only machine with two or more cores two runs train at once, each a ``cmgen train`` process on
+one thread (``workers``).
 
 Metrics, per run: class accuracy (conditional G; chance 20 %), the confident share (most likely shape at
 probability >= 0.5; issue 7's criterion for an unconditional G, with the number of shapes predicted), the
@@ -129,17 +131,23 @@ def shapes_data_root(out: Path, cfg) -> Path:
     return out / "data" / shapes_dir_name(cfg.data, cfg.model.image_size)
 
 
+def _run_overrides(name: str, rel: str, overrides: list[str], out: Path, steps: int, extra: list[str]) -> list[str]:
+    """The overrides of ``configs/<rel>`` for the demo's run ``name`` of ``steps`` steps."""
+    from cmgen.engine.registry import load_config
+
+    base = load_config(PROJECT_ROOT / "configs" / rel, overrides)
+    start = int(round(base.ema.start_step * steps / max(base.train.max_steps, 1)))
+    return [*overrides, f"run.output_dir={out / 'runs'}", f"run.name=gan-{name}",
+            f"data.root={shapes_data_root(out, base)}", f"train.max_steps={steps}",
+            f"ema.start_step={min(start, max(steps - 1, 0))}", f"train.checkpoint_every={steps}",
+            "train.sample_every=0", "train.eval_every=0", f"train.log_every={max(steps // 20, 1)}",
+            "train.progress_bar=false", "train.trackers=[]", *extra]
+
+
 def _config(name: str, rel: str, overrides: list[str], out: Path, steps: int, extra: list[str]):
     from cmgen.engine.registry import load_config
 
-    path = PROJECT_ROOT / "configs" / rel
-    base = load_config(path, overrides)
-    start = int(round(base.ema.start_step * steps / max(base.train.max_steps, 1)))
-    return load_config(path, [*overrides, f"run.output_dir={out / 'runs'}", f"run.name=gan-{name}",
-                              f"data.root={shapes_data_root(out, base)}", f"train.max_steps={steps}",
-                              f"ema.start_step={min(start, max(steps - 1, 0))}", f"train.checkpoint_every={steps}",
-                              "train.sample_every=0", "train.eval_every=0", f"train.log_every={max(steps // 20, 1)}",
-                              "train.progress_bar=false", "train.trackers=[]", *extra])
+    return load_config(PROJECT_ROOT / "configs" / rel, _run_overrides(name, rel, overrides, out, steps, extra))
 
 
 def _train(cfg):
@@ -150,6 +158,66 @@ def _train(cfg):
     t0 = time.perf_counter()
     result = train(cfg)
     return result, time.perf_counter() - t0
+
+
+def _train_all(jobs: list[tuple[str, list[str]]], workers: int) -> list[tuple[str, float]]:
+    """``(run directory, wall seconds)`` of each ``(config under configs/, overrides)`` job, each a fresh
+    run. ``workers`` 1: here, in order; more: that many ``cmgen train`` processes at a time, each on one
+    thread (``OMP_NUM_THREADS=1``), their output in ``<run dir>.log``; a failed run raises with its log's
+    tail. Separate processes, not multiprocessing: a caller's script needs no ``__main__`` guard."""
+    import os
+    import subprocess
+    import sys
+
+    from cmgen.engine.registry import load_config
+    from cmgen.engine.trainer import run_dir_of
+
+    if workers <= 1 or len(jobs) <= 1:
+        return [(str(result.run_dir), seconds) for result, seconds in
+                (_train(load_config(PROJECT_ROOT / "configs" / rel, ovs)) for rel, ovs in jobs)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done: dict[int, tuple[str, float]] = {}
+    running: list[tuple[int, subprocess.Popen, float, Path, Any]] = []
+    pending = list(enumerate(jobs))
+    while pending or running:
+        while pending and len(running) < workers:
+            i, (rel, ovs) = pending.pop(0)
+            run_dir = run_dir_of(load_config(PROJECT_ROOT / "configs" / rel, ovs))
+            shutil.rmtree(run_dir, ignore_errors=True)      # the demo's runs are fresh, never resumed
+            log_path = run_dir.with_name(run_dir.name + ".log")
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "w")
+            proc = subprocess.Popen([sys.executable, "-m", "cmgen", "train", str(PROJECT_ROOT / "configs" / rel),
+                                     *ovs], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(PROJECT_ROOT))
+            running.append((i, proc, time.perf_counter(), run_dir, log))
+        time.sleep(0.2)
+        for item in list(running):
+            i, proc, t0, run_dir, log = item
+            if proc.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            if proc.returncode != 0:
+                for _, other, *_ in running:
+                    other.kill()
+                tail = Path(log.name).read_text()[-2000:]
+                raise RuntimeError(f"GAN demo run {run_dir} failed (exit {proc.returncode}); the end of "
+                                   f"{log.name}:\n{tail}")
+            done[i] = (str(run_dir), time.perf_counter() - t0)
+    return [done[i] for i in range(len(jobs))]
+
+
+def default_workers() -> int:
+    """Runs trained at once by :func:`demo_stage`: 2 on a CPU-only machine with 2 or more cores (the tiny
+    runs gain little from a second thread, so two one-thread runs nearly double the throughput), else 1."""
+    import os
+
+    return 2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1
+
+
+# throughput of `workers` one-thread runs relative to one run on every thread, as the step budget plans it:
+# two runs on a 2-core AMD EPYC went 1.33x as fast as one (session 18, with a test running alongside)
+_PARALLEL_EFFICIENCY = 0.6
 
 
 def _curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -163,14 +231,17 @@ def _curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, runs=RUNS,
-               eval_samples: int = _EVAL_SAMPLES, probe_steps: int = 4, evaluator_recipe: dict | None = None) -> None:
+               eval_samples: int = _EVAL_SAMPLES, probe_steps: int = 4, evaluator_recipe: dict | None = None,
+               workers: int | None = None) -> None:
     """Train the four GANs of :data:`RUNS` on shapes within about ``budget_s`` seconds, score their EMA
     generators with the shapes evaluator, and append the section (table, grids, verdict) to ``report``;
     numbers go to ``summary["gan_demo"]``.
 
     ``eval_samples`` generated images per run; ``probe_steps`` steps of each config's speed probe;
     ``evaluator_recipe`` (``train_images``, ``epochs``) sizes the evaluator's one-off training (tests
-    pass a small one; the default is the evaluator's, shared with its own demo stage).
+    pass a small one; the default is the evaluator's, shared with its own demo stage). ``workers`` runs
+    train at once, each a ``cmgen train`` process on one thread (default :func:`default_workers`); the step
+    share assumes they go :data:`_PARALLEL_EFFICIENCY` x ``workers`` as fast as one.
     """
     from cmgen.demo import plot_curves
     from cmgen.generate_cli import load_generator, sample_tensors
@@ -222,16 +293,21 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
     eval_reserve = 3.0 * len(runs)
     fixed = sum(cost[rel][1] for _, _, rel, _, _ in runs)
     left = budget_s - (time.perf_counter() - t_start) - eval_reserve - fixed
-    full = sum(cost[rel][0] * max_steps[rel] for _, _, rel, _, _ in runs)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    speedup = 1.0 if workers == 1 else max(1.0, workers * _PARALLEL_EFFICIENCY)
+    full = sum(cost[rel][0] * max_steps[rel] for _, _, rel, _, _ in runs) / speedup
     share = float(np.clip(left / full, 0.0, 1.0)) if full > 0 else 1.0
 
     rows, results, images = [], {}, []
     curves: dict[str, list[tuple[int, float]]] = {}
-    for name, label, rel, overrides, conditional in runs:
-        steps = max(2, int(share * max_steps[rel]))
-        _stage(f"GAN demo: training {name} for {steps} of {max_steps[rel]} steps")
-        result, seconds = _train(_config(name, rel, overrides, out, steps, []))
-        lg = load_generator(result.run_dir)
+    steps_of = {name: max(2, int(share * max_steps[rel])) for name, _, rel, _, _ in runs}
+    _stage("GAN demo: training " + ", ".join(f"{name} for {steps_of[name]} of {max_steps[rel]} steps"
+                                              for name, _, rel, _, _ in runs) + f" ({workers} at a time)")
+    trained = _train_all([(rel, _run_overrides(name, rel, overrides, out, steps_of[name], []))
+                          for name, _, rel, overrides, _ in runs], workers)
+    for (name, label, rel, overrides, conditional), (run_dir, seconds) in zip(runs, trained):
+        steps, run_dir = steps_of[name], Path(run_dir)
+        lg = load_generator(run_dir)
         x, y = sample_tensors(lg, eval_samples, seed=0)
         sc = scorers[run_root[name]]
         scores = _score(sc["ev"], x, y if conditional else None, sc["train_attrs"])
@@ -239,8 +315,8 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
         images.append((name, label, caption))
         results[name] = {"label": label, "config": f"configs/{rel}", "overrides": overrides, "steps": steps,
                          "config_max_steps": max_steps[rel], "seconds": round(seconds, 1), "data": run_root[name],
-                         "run_dir": str(result.run_dir), **scores}
-        for k, v in _curves(result.run_dir).items():
+                         "run_dir": str(run_dir), **scores}
+        for k, v in _curves(run_dir).items():
             curves[f"{name}: {k}"] = v
 
     def cell(r: dict, key: str, fmt: str = "{:.2f}") -> str:
@@ -281,7 +357,7 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
                "Configs: " + ", ".join(f"`configs/{rel}`{' ' + ' '.join(ov) if ov else ''}"
                                       for _, _, rel, ov, _ in runs) + f". Single seed, {eval_samples} samples "
                "per run: differences of a few points are noise.", ""]
-    summary["gan_demo"] = {"share_of_max_steps": share, "budget_s": budget_s,
+    summary["gan_demo"] = {"share_of_max_steps": share, "budget_s": budget_s, "workers": workers,
                            "seconds": round(time.perf_counter() - t_start, 1), "runs": results,
                            "real": {k: sc["real"] for k, sc in scorers.items()},
                            "chance": {"class_accuracy": 0.2}, "verdict": verdict, "note": NOT_COMPARABLE}
