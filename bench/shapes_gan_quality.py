@@ -46,7 +46,9 @@ sys.path.insert(0, str(_HERE.parent))
 
 import _measure  # noqa: E402
 
-CRITERION = {"class_accuracy": 0.60, "confident": 0.60, "classes": 5}   # issue 7
+from text2image.contrad import SHAPES_CRITERION  # noqa: E402
+
+CRITERION = {"class_accuracy": 0.60, **SHAPES_CRITERION}   # issue 7
 
 
 def score(source, samples: int) -> dict:
@@ -55,7 +57,7 @@ def score(source, samples: int) -> dict:
     from cmgen.generate_cli import load_generator, sample_tensors
     from evaluation.generation_cli import shapes_root_of
     from evaluation.shapes_eval import ShapesEvaluator
-    from text2image.contrad import unconditional_shapes_scores
+    from text2image.contrad import meets_shapes_criterion, unconditional_shapes_scores
 
     lg = load_generator(source)
     ev = ShapesEvaluator.load_or_train(shapes_root_of(lg.method, lg.cfg))
@@ -68,7 +70,7 @@ def score(source, samples: int) -> dict:
         rec.update(d_head_accuracy(lg, source, fakes, labels))
     else:
         rec.update(unconditional_shapes_scores(ev, fakes))
-        rec["meets"] = rec["confident"] >= CRITERION["confident"] and rec["classes_covered"] >= CRITERION["classes"]
+        rec["meets"] = meets_shapes_criterion(rec)
     return rec
 
 

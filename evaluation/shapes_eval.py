@@ -246,12 +246,10 @@ class ShapesEvaluator:
     @staticmethod
     def _train_and_save(root: Path, data_info: dict, image_size: int, ckpt: Path, recipe: dict,
                         progress: bool) -> None:
-        from cmgen.data import write_shapes
+        from cmgen.data import write_shapes, writer_config
 
         t0 = time.perf_counter()
         train_root = root / "evaluator" / f"train_{image_size}px"
-        from cmgen.data import writer_config
-
         max_shapes = int(data_info["config"].get("max_shapes", 2))
         primary_size = recipe.get("primary_size", "mixed")
         settings = dict(num_images=recipe["train_images"], image_size=image_size, seed=_TRAIN_SEED,

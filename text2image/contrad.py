@@ -95,7 +95,7 @@ from text2image.stylegan2 import StyleGAN2Backbone, StyleGAN2Generator, lazy_r1,
 
 __all__ = ["SNDCGANGenerator", "SNDCGANBackbone", "SNResNet18Backbone", "TinyBackbone", "ContraDiscriminator",
            "ContraDOutput", "ContraDModelConfig", "ContraDConfig", "ContraDMethod", "supcon_fake",
-           "unconditional_shapes_scores", "CONFIDENT_THRESHOLD"]
+           "unconditional_shapes_scores", "CONFIDENT_THRESHOLD", "SHAPES_CRITERION", "meets_shapes_criterion"]
 
 
 def _sn(module: nn.Module, enabled: bool = True) -> nn.Module:
@@ -479,6 +479,14 @@ class ContraDMethod(GANMethod):
 
 # --- how the embedded shapes run is judged -----------------------------------------------------------
 CONFIDENT_THRESHOLD = 0.5
+# issue 7's criterion for an unconditional G on shapes: this share of confident samples, all 5 shapes predicted
+SHAPES_CRITERION = {"confident": 0.60, "classes": 5}
+
+
+def meets_shapes_criterion(scores: dict) -> bool:
+    """Whether :func:`unconditional_shapes_scores` output meets :data:`SHAPES_CRITERION`."""
+    return (scores.get("confident", 0.0) >= SHAPES_CRITERION["confident"]
+            and scores.get("classes_covered", 0) >= SHAPES_CRITERION["classes"])
 """Max softmax probability of the shapes classifier (:class:`evaluation.shapes_eval.ShapesEvaluator`)
 above which a sample counts as a recognisable shape. The classifier is under-confident on REAL shapes:
 on the 375 held-out real images of its own render, 76% reach 0.5 (89% of those correctly classified),

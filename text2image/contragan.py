@@ -115,6 +115,12 @@ _G_BOTTOM = 4  # bottom_collection: 4x4 at every size
 EVAL_POWER_ITERATIONS = 50
 
 
+def _sn_state(weight: torch.Tensor, sn: nn.Module, n_power_iterations: int) -> tuple:
+    """What a spectral-norm refresh depends on: the weight, ``u`` and ``v`` by identity and version counter
+    (a deep copy, such as an EMA, carries the record of its source but has new tensors)."""
+    return (id(weight), weight._version, id(sn._u), sn._u._version, id(sn._v), sn._v._version, n_power_iterations)
+
+
 @torch.no_grad()
 def refresh_spectral_norm(module: nn.Module, n_power_iterations: int = EVAL_POWER_ITERATIONS) -> nn.Module:
     """Run ``n_power_iterations`` steps of the power method of every spectral-norm layer below ``module``
@@ -139,14 +145,10 @@ def refresh_spectral_norm(module: nn.Module, n_power_iterations: int = EVAL_POWE
         weight = m.parametrizations["weight"].original
         for p in m.parametrizations["weight"]:
             if isinstance(p, _SpectralNorm) and weight.ndim > 1:
-                # tensor identities too: a deep copy (an EMA) carries this record but has new tensors
-                def state():
-                    return (id(weight), weight._version, id(p._u), p._u._version, id(p._v), p._v._version,
-                            n_power_iterations)
-                if getattr(p, "_cmgen_refreshed", None) == state():
+                if getattr(p, "_cmgen_refreshed", None) == _sn_state(weight, p, n_power_iterations):
                     continue
                 p._power_method(p._reshape_weight_to_matrix(weight), n_power_iterations)
-                p._cmgen_refreshed = state()
+                p._cmgen_refreshed = _sn_state(weight, p, n_power_iterations)
     return module
 
 
@@ -302,8 +304,10 @@ class ConditionalDiscriminator(nn.Module):
             self.embedding = sn_embedding(num_classes, width, sn=sn)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled features h (B, C) of images (B, 3, S, S)."""
-        raise NotImplementedError
+        """Pooled features h (B, C) of images (B, 3, S, S); each backbone defines it (:class:`Discriminator`,
+        :class:`text2image.deep_conv.DCGANDiscriminator`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define features(images): the backbone's pooled "
+                                  f"features; ConditionalDiscriminator only holds the heads")
 
     def _run_blocks(self, h: torch.Tensor) -> torch.Tensor:
         """``self.blocks`` in turn, with ``self.attention`` after block ``self.attention_index`` (or none)."""

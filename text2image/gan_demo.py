@@ -363,11 +363,6 @@ def demo_stage(out: Path, report: list[str], summary: dict, budget_s: float, run
                            "chance": {"class_accuracy": 0.2}, "verdict": verdict, "note": NOT_COMPARABLE}
 
 
-def _meets_unconditional(r: dict[str, Any]) -> bool:
-    """Issue 7's criterion for an unconditional G: >= 60% confident samples and all 5 shapes predicted."""
-    return r.get("confident", 0.0) >= 0.6 and r.get("classes_covered", 0) >= 5
-
-
 def _verdict(results: dict[str, dict[str, Any]]) -> str:
     """One sentence per method/baseline pair present: does the contrastive D help, by these numbers."""
     parts = []
@@ -391,7 +386,9 @@ def _verdict(results: dict[str, dict[str, Any]]) -> str:
                       f"{results[b].get('classes_covered', '?')}")
             # a share read on fewer shapes is a collapse, not a gain: issue 7's criterion (>= 60% confident
             # with all 5 shapes) decides first, the shares only when both or neither meet it
-            meets_a, meets_b = (_meets_unconditional(results[x]) for x in (a, b))
+            from text2image.contrad import meets_shapes_criterion
+
+            meets_a, meets_b = (meets_shapes_criterion(results[x]) for x in (a, b))
             if meets_a != meets_b:
                 outcome = "beats" if meets_a else "is behind"
                 values += f"; only the {'first' if meets_a else 'second'} meets >= 60% with all 5 shapes"
